@@ -1,0 +1,28 @@
+# LiveStage: one entry point for setup, running, testing and benchmarking.
+SHELL := /bin/bash
+VENV := .work/venv
+PY := $(VENV)/bin/python
+PRESET ?= tiny
+
+.PHONY: setup test test-fast render bench verify-parity clean
+
+setup: ## create .work/venv with every dependency (idempotent)
+	@bash scripts/setup_env.sh
+
+test: setup ## the whole test suite (what CI runs)
+	@$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: setup ## model tests only
+	@$(PY) -m pytest -q -p no:cacheprovider tests/models $(PYTEST_ARGS)
+
+render: setup ## the main job on the embedded default: a sample character answering a sample voice
+	@$(PY) -m livestage.cli render --preset $(PRESET) --sample --out out/render.mp4
+
+verify-parity: setup ## check our DiT and VAE against the shared Wan2.1 reference cases
+	@for f in ../shared/parity/*.safetensors; do $(PY) -m livestage.cli checkpoint verify $$f || exit 1; done
+
+bench: setup ## per-chunk latency per stage (median, p95) and real-time factor, tiny and demo
+	@$(PY) loadtests/bench_model.py --presets tiny demo
+
+clean:
+	rm -rf .work out

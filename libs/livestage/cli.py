@@ -1,0 +1,174 @@
+"""`livestage` command line: render a clip in-process, verify checkpoints against the reference.
+
+    livestage render --image face.png --speak speech.wav [--listen user.wav] --out clip.mp4
+    livestage render --sample --out clip.mp4          # bundled sample character and voice
+    livestage checkpoint verify FILE [--tolerance 1e-4]
+
+Errors are one line on stderr (`livestage: error: ...`) with exit status 2; a parity check
+beyond tolerance exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing problem: printed as one line, exit status 2."""
+
+
+def _parse_directive_at(value: str) -> tuple[int, str]:
+    chunk, sep, text = value.partition(":")
+    if not sep or not chunk.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected CHUNK:TEXT, got {value!r}")
+    return int(chunk), text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livestage", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser("render", help="render a talking-avatar clip in-process to MP4")
+    render.add_argument("--preset", default="tiny", help="model preset (tiny, demo, wan-1.3b, lpm-14b)")
+    render.add_argument("--weights", type=Path, help="directory of safetensors weights")
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--image", type=Path, help="global reference image")
+    render.add_argument("--view", type=Path, action="append", default=[], help="body view (<=4)")
+    render.add_argument("--expression", type=Path, action="append", default=[], help="expression (<=8)")
+    render.add_argument("--speak", type=Path, help="the character's speech (16 kHz audio)")
+    render.add_argument("--listen", type=Path, help="the user's speech (16 kHz audio)")
+    render.add_argument("--resample", action="store_true", help="accept and resample other rates")
+    render.add_argument("--directive", default="", help="text directive from the start")
+    render.add_argument("--directive-at", type=_parse_directive_at, action="append", default=[],
+                        metavar="CHUNK:TEXT", help="change the directive at a chunk boundary")
+    render.add_argument("--seconds", type=float, help="length (default: the longest audio)")
+    render.add_argument("--max-seconds", type=float, default=3600.0)
+    render.add_argument("--sample", action="store_true", help="use the bundled sample character and voice")
+    render.add_argument("--out", type=Path, required=True, help="output MP4 path")
+    render.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+
+    ckpt = sub.add_parser("checkpoint", help="checkpoint tools")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    verify = ckpt_sub.add_parser("verify", help="compare our model with a reference parity archive")
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--tolerance", type=float, default=None)
+    return parser
+
+
+def _emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from livestage.media import MediaError, Mp4Writer, load_audio, load_image
+    from livestage.media.samples import sample_character, sample_speech
+    from livestage.models.bundle import build_models
+    from livestage.models.config import get_preset
+    from livestage.runtime.pipeline import StreamingAvatar
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    size = (preset.height, preset.width)
+    rate = preset.chunk.sample_rate
+    try:
+        if args.sample:
+            references = [("global", sample_character(size, seed=args.seed))]
+            speak = sample_speech(seconds=4.0, sample_rate=rate, seed=args.seed)
+            listen = np.zeros(rate * 2, dtype=np.float32)
+            listen = np.concatenate([sample_speech(2.0, rate, seed=args.seed + 1) * 0.8,
+                                     np.zeros(rate * 4, dtype=np.float32)])
+            speak = np.concatenate([np.zeros(rate * 2, dtype=np.float32), speak])
+        else:
+            if args.image is None or args.speak is None:
+                raise CliError("render needs --image and --speak (or --sample)")
+            references = [("global", load_image(args.image, size))]
+            references += [("view", load_image(p, size)) for p in args.view]
+            references += [("expression", load_image(p, size)) for p in args.expression]
+            speak = load_audio(args.speak, rate, resample=args.resample, max_seconds=args.max_seconds)
+            listen = (load_audio(args.listen, rate, resample=args.resample, max_seconds=args.max_seconds)
+                      if args.listen else np.zeros(0, dtype=np.float32))
+    except MediaError as exc:
+        raise CliError(str(exc)) from None
+    seconds = args.seconds or max(len(speak), len(listen)) / rate
+    if seconds <= 0:
+        raise CliError("nothing to render: --seconds must be > 0")
+    n_chunks = math.ceil(seconds / preset.chunk.chunk_seconds - 1e-9)
+
+    models = build_models(preset, args.weights, seed=args.seed, allow_seeded=args.weights is None)
+    weights = models.describe()
+    avatar = StreamingAvatar(models, references, seed=args.seed, directive=args.directive)
+    avatar.push_speak_audio(speak)
+    avatar.push_listen_audio(listen)
+    changes = dict(args.directive_at)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    totals = []
+    with Mp4Writer(args.out, fps=preset.chunk.fps, width=preset.width, height=preset.height,
+                   audio_rate=rate) as writer:
+        for k in range(n_chunks):
+            if k in changes:
+                avatar.set_directive(changes[k])
+            result = avatar.step()
+            writer.write_frames(result.frames)
+            writer.write_audio(result.speak_audio)
+            totals.append(result.timings_ms["total"])
+            _emit({**result.timing_record(), "directive": avatar.directive,
+                   "speaking": result.inputs.speaking if result.inputs else None})
+    wall = time.perf_counter() - started
+    video_seconds = n_chunks * preset.chunk.chunk_seconds
+    _emit({"event": "done", "out": str(args.out), "preset": preset.name, "chunks": n_chunks,
+           "video_seconds": video_seconds, "rtf": round(wall / video_seconds, 3),
+           "median_chunk_ms": round(float(np.median(totals)), 2),
+           "weights": weights, "seeded_weights": models.seeded})
+    return 0
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from livestage.models.parity import DEFAULT_TOLERANCE, verify_archive
+    from livestage.models.weights import WeightsError
+
+    tol = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE
+    try:
+        report = verify_archive(args.file, tolerance=tol)
+    except WeightsError as exc:
+        raise CliError(str(exc)) from None
+    for name, err in sorted(report.errors.items()):
+        status = "ok" if err <= tol else "FAIL"
+        print(f"{report.kind} output.{name}: max relative error {err:.3e} (tolerance {tol:.0e}) {status}")
+    print(f"{args.file}: {'PASS' if report.passed else 'FAIL'}")
+    return 0 if report.passed else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "render":
+            return cmd_render(args)
+        if args.command == "checkpoint" and args.checkpoint_command == "verify":
+            return cmd_checkpoint_verify(args)
+    except CliError as exc:
+        print(f"livestage: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"livestage: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    parser.error("unknown command")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The in-process streaming runtime: encoder -> backbone -> refiner -> VAE, one chunk at a time.
+
+One `StreamingAvatar` is one session: it owns the audio windows of the speak and listen streams,
+the current text directive (changes apply at the next chunk boundary) and the four stage
+sessions. `step()` produces the next 1-second chunk: its frames, the speak audio that plays with
+them, and per-stage timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from livestage.models.audio import StreamingAudioWindow
+from livestage.models.bundle import AvatarModels
+from livestage.runtime.session_runtime import ChunkDelivery, ChunkRequest
+from livestage.runtime.stages import (
+    ChunkInputs,
+    ConditionEncoder,
+    DecoderSession,
+    GeneratorSession,
+    ReferenceImages,
+    RefinerSession,
+)
+
+STAGES = ("encode", "generate", "refine", "decode")
+
+
+@dataclass
+class ChunkResult:
+    chunk_index: int
+    frames: np.ndarray  # uint8 [frames_per_chunk, H, W, 3]
+    speak_audio: np.ndarray  # float32 samples of the speak stream played with these frames
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    inputs: ChunkInputs | None = None
+
+    def timing_record(self) -> dict[str, object]:
+        return {"chunk": self.chunk_index, **{f"{k}_ms": round(v, 2) for k, v in self.timings_ms.items()}}
+
+
+class StreamingAvatar:
+    """One avatar session running every stage in this process."""
+
+    def __init__(self, models: AvatarModels, references: ReferenceImages, seed: int = 0,
+                 directive: str = ""):
+        self.models = models
+        self.preset = models.preset
+        c = self.preset.chunk
+        self.encoder = ConditionEncoder(models)
+        self.speak = StreamingAudioWindow(sample_rate=c.sample_rate, chunk_seconds=c.chunk_seconds,
+                                          history_chunks=c.audio_history_chunks)
+        self.listen = StreamingAudioWindow(sample_rate=c.sample_rate, chunk_seconds=c.chunk_seconds,
+                                           history_chunks=c.audio_history_chunks)
+        self.directive = directive
+        self._pending_directive: str | None = None
+        t0 = time.perf_counter()
+        ref_latents = self.encoder.encode_references(references)
+        self.generator = GeneratorSession(models, seed, ref_latents)
+        self.refiner = RefinerSession(models, seed, ref_latents)
+        self.decoder = DecoderSession(models)
+        self.setup_ms = (time.perf_counter() - t0) * 1000
+        self.chunk_index = 0
+
+    def push_speak_audio(self, samples: np.ndarray) -> None:
+        self.speak.push(samples)
+
+    def push_listen_audio(self, samples: np.ndarray) -> None:
+        self.listen.push(samples)
+
+    def set_directive(self, text: str) -> None:
+        """Takes effect at the next chunk boundary."""
+        self._pending_directive = text
+
+    @torch.no_grad()
+    def step(self) -> ChunkResult:
+        k = self.chunk_index
+        if self._pending_directive is not None:
+            self.directive, self._pending_directive = self._pending_directive, None
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        inputs = self.encoder.encode_chunk(k, self.speak.window(k), self.listen.window(k),
+                                           self.directive)
+        timings["encode"] = _lap(t)
+        t = time.perf_counter()
+        coarse = self.generator.generate(inputs)
+        timings["generate"] = _lap(t)
+        t = time.perf_counter()
+        clean = self.refiner.refine(inputs, coarse)
+        timings["refine"] = _lap(t)
+        t = time.perf_counter()
+        frames = self.decoder.decode(clean)
+        timings["decode"] = _lap(t)
+        timings["total"] = sum(timings[s] for s in STAGES)
+        n = self.preset.chunk.samples_per_chunk
+        window = self.speak.window(k)
+        speak_audio = np.asarray(window[-n:], dtype=np.float32)
+        self.speak.trim_before(k + 1)
+        self.listen.trim_before(k + 1)
+        self.chunk_index += 1
+        return ChunkResult(k, frames, speak_audio, timings, inputs)
+
+
+def _lap(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+class InProcessChunkPipeline:
+    """`ChunkPipeline` running every stage in this process (dev, tests, the in-process baseline).
+
+    Compute runs in a worker thread under a lock, so an interrupt arriving mid-chunk waits for
+    that chunk and then rolls the caches back; deliveries of a stale epoch are dropped.
+    """
+
+    def __init__(self, models: AvatarModels, references: ReferenceImages, seed: int = 0,
+                 lookahead: int = 2):
+        self.models = models
+        self.encoder = ConditionEncoder(models)
+        refs = self.encoder.encode_references(references)
+        self.generator = GeneratorSession(models, seed, refs, rollback_chunks=lookahead)
+        self.refiner = RefinerSession(models, seed, refs, rollback_chunks=lookahead)
+        self.decoder = DecoderSession(models, rollback_chunks=lookahead)
+        self._epoch = 0
+        self._lock = threading.Lock()
+        self._deliveries: asyncio.Queue[ChunkDelivery] = asyncio.Queue()
+
+    def produce(self, request: ChunkRequest) -> ChunkDelivery | None:
+        with self._lock:
+            if request.epoch < self._epoch:
+                return None
+            timings: dict[str, float] = {}
+            t = time.perf_counter()
+            inputs = self.encoder.encode_chunk(request.chunk_index, request.speak_window,
+                                               request.listen_window, request.directive)
+            timings["encode"] = _lap(t)
+            t = time.perf_counter()
+            coarse = self.generator.generate(inputs)
+            timings["generate"] = _lap(t)
+            t = time.perf_counter()
+            clean = self.refiner.refine(inputs, coarse)
+            timings["refine"] = _lap(t)
+            t = time.perf_counter()
+            frames = self.decoder.decode(clean, request.chunk_index)
+            timings["decode"] = _lap(t)
+            timings["total"] = sum(timings[s] for s in STAGES)
+        n = self.models.preset.chunk.samples_per_chunk
+        return ChunkDelivery(
+            session_id=request.session_id, chunk_index=request.chunk_index, epoch=request.epoch,
+            frames=frames, speak_audio=np.asarray(request.speak_window[-n:], dtype=np.float32),
+            speaking=inputs.speaking, user_speaking=inputs.user_speaking, timings_ms=timings,
+        )
+
+    async def submit(self, request: ChunkRequest) -> None:
+        delivery = await asyncio.to_thread(self.produce, request)
+        if delivery is not None and delivery.epoch == self._epoch:
+            await self._deliveries.put(delivery)
+
+    async def next_delivery(self) -> ChunkDelivery:
+        return await self._deliveries.get()
+
+    async def rollback(self, session_id: str, last_kept_chunk: int, epoch: int) -> None:
+        def _rollback() -> None:
+            with self._lock:
+                self._epoch = epoch
+                self.generator.rollback(last_kept_chunk)
+                self.refiner.rollback(last_kept_chunk)
+                self.decoder.rollback(last_kept_chunk)
+        await asyncio.to_thread(_rollback)
+        # Drop queued deliveries of the old epoch.
+        kept = []
+        while not self._deliveries.empty():
+            d = self._deliveries.get_nowait()
+            if d.epoch == epoch:
+                kept.append(d)
+        for d in kept:
+            self._deliveries.put_nowait(d)
+
+    async def close(self) -> None:
+        return None

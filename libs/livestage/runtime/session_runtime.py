@@ -1,0 +1,198 @@
+"""The persistent per-session runtime: chunk clock, controlled lookahead, interrupts, states.
+
+The runtime owns what belongs to the session rather than to a model: the speak and listen audio
+windows, the text directive (applied at the next chunk boundary), the state machine and the
+playback clock. It asks a `ChunkPipeline` to produce chunks and keeps generation at most
+`lookahead` chunks ahead of playback, so an interrupt is visible within about one chunk:
+
+- on `interrupt()`, speak audio beyond the chunk now playing is dropped, the pipeline rolls its
+  caches back to that chunk, and every chunk generated beyond it is discarded (its *epoch* is
+  stale) and generated again without the interrupted speech.
+
+The pipeline is an interface: `InProcessChunkPipeline` runs the stages in this process; the
+session service plugs in a distributed one that sends the same requests over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol
+
+import numpy as np
+
+from livestage.models.audio import StreamingAudioWindow
+from livestage.models.config import ChunkConfig
+from livestage.runtime.session_state import SessionState, SessionStateMachine, Transition
+
+
+@dataclass
+class ChunkRequest:
+    """Everything the pipeline needs to produce chunk `chunk_index` of a session."""
+
+    session_id: str
+    chunk_index: int
+    epoch: int
+    speak_window: np.ndarray  # float32, 3 s (2 s history + 1 s current)
+    listen_window: np.ndarray
+    directive: str = ""
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ChunkDelivery:
+    """A finished chunk: frames (uint8 [T, H, W, 3]), its speak audio and stage timings."""
+
+    session_id: str
+    chunk_index: int
+    epoch: int
+    frames: np.ndarray
+    speak_audio: np.ndarray
+    speaking: bool
+    user_speaking: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    worker_ids: dict[str, str] = field(default_factory=dict)
+
+
+class ChunkPipeline(Protocol):
+    async def submit(self, request: ChunkRequest) -> None: ...
+
+    async def next_delivery(self) -> ChunkDelivery: ...
+
+    async def rollback(self, session_id: str, last_kept_chunk: int, epoch: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+EventSink = Callable[[str, dict], Awaitable[None]]
+
+
+async def _no_events(kind: str, payload: dict) -> None:
+    return None
+
+
+class SessionRuntime:
+    """Drives one session's chunks through a pipeline at the chunk clock."""
+
+    def __init__(self, session_id: str, chunk: ChunkConfig, pipeline: ChunkPipeline,
+                 lookahead: int = 2, realtime: bool = True, events: EventSink = _no_events,
+                 on_chunk: Callable[[ChunkDelivery], Awaitable[None]] | None = None):
+        if lookahead < 1:
+            raise ValueError("lookahead must be at least 1 chunk")
+        self.session_id = session_id
+        self.chunk = chunk
+        self.pipeline = pipeline
+        self.lookahead = lookahead
+        self.realtime = realtime
+        self.events = events
+        self.on_chunk = on_chunk
+        kw = dict(sample_rate=chunk.sample_rate, chunk_seconds=chunk.chunk_seconds,
+                  history_chunks=chunk.audio_history_chunks)
+        self.speak = StreamingAudioWindow(**kw)
+        self.listen = StreamingAudioWindow(**kw)
+        self.directive = ""
+        self._pending_directive: str | None = None
+        self.state = SessionStateMachine()
+        self.epoch = 0
+        self.next_submit = 0
+        self.played = 0  # chunks whose playback has started
+        self.delivered: list[int] = []
+        self._clock_start: float | None = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.first_chunk_latency_s: float | None = None
+        self._started_at = time.perf_counter()
+
+    # -- inputs (take effect at chunk boundaries) ---------------------------------------------
+    def push_speak_audio(self, samples: np.ndarray) -> None:
+        self.speak.push(samples)
+        self._wake.set()
+
+    def push_listen_audio(self, samples: np.ndarray) -> None:
+        self.listen.push(samples)
+        self._wake.set()
+
+    def set_directive(self, text: str) -> None:
+        self._pending_directive = text
+
+    async def interrupt(self) -> int:
+        """Drops speech beyond the chunk now playing; returns the last chunk kept."""
+        last_kept = self.played - 1
+        self.speak.drop_after(max(last_kept + 1, 0) * self.chunk.chunk_seconds)
+        self.epoch += 1
+        await self.pipeline.rollback(self.session_id, last_kept, self.epoch)
+        self.next_submit = last_kept + 1
+        await self.events("interrupted", {"last_kept_chunk": last_kept, "epoch": self.epoch})
+        self._wake.set()
+        return last_kept
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def _fill_lookahead(self) -> None:
+        while self.next_submit < self.played + self.lookahead:
+            k = self.next_submit
+            if self._pending_directive is not None:
+                self.directive, self._pending_directive = self._pending_directive, None
+            await self.pipeline.submit(ChunkRequest(
+                session_id=self.session_id, chunk_index=k, epoch=self.epoch,
+                speak_window=self.speak.window(k), listen_window=self.listen.window(k),
+                directive=self.directive,
+            ))
+            self.next_submit += 1
+
+    async def _emit_transition(self, tr: Transition | None) -> None:
+        if tr is not None:
+            await self.events("state", {"from": tr.previous.value, "to": tr.current.value,
+                                        "chunk": tr.chunk_index})
+
+    async def _wait_for_slot(self, chunk_index: int) -> None:
+        """Real-time pacing: chunk k starts playing chunk_seconds after chunk k-1."""
+        if not self.realtime:
+            return
+        now = time.perf_counter()
+        if self._clock_start is None:
+            self._clock_start = now - chunk_index * self.chunk.chunk_seconds
+        due = self._clock_start + chunk_index * self.chunk.chunk_seconds
+        if due > now:
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=due - now)
+            except asyncio.TimeoutError:
+                pass
+        elif now - due > self.chunk.chunk_seconds:
+            self._clock_start = now - chunk_index * self.chunk.chunk_seconds  # fell behind: re-anchor
+
+    async def run(self, max_chunks: int | None = None) -> None:
+        """Produces chunks until `stop()` (or `max_chunks` delivered)."""
+        while not self._stop.is_set():
+            if max_chunks is not None and self.played >= max_chunks:
+                break
+            await self._fill_lookahead()
+            delivery = await self.pipeline.next_delivery()
+            if delivery.epoch != self.epoch or delivery.chunk_index != self.played:
+                continue  # generated before an interrupt (or a duplicate): never shown
+            await self._wait_for_slot(delivery.chunk_index)
+            if delivery.epoch != self.epoch:
+                continue  # interrupted while waiting for its slot
+            if self.first_chunk_latency_s is None:
+                self.first_chunk_latency_s = time.perf_counter() - self._started_at
+            self.played = delivery.chunk_index + 1
+            self.delivered.append(delivery.chunk_index)
+            await self._emit_transition(
+                self.state.on_chunk(delivery.chunk_index, delivery.speaking, delivery.user_speaking))
+            if self.on_chunk is not None:
+                await self.on_chunk(delivery)
+            await self.events("chunk", {"chunk": delivery.chunk_index,
+                                        "frames": int(delivery.frames.shape[0]),
+                                        "shape": list(delivery.frames.shape),
+                                        "timings_ms": delivery.timings_ms})
+            self.speak.trim_before(self.played)
+            self.listen.trim_before(self.played)
+        await self._emit_transition(self.state.end(self.played))
+
+    @property
+    def current_state(self) -> SessionState:
+        return self.state.state
