@@ -108,8 +108,12 @@ def seeded_init(module: nn.Module, seed: int) -> WeightsSource:
         torch.manual_seed(seed)
         with torch.no_grad():
             for _, sub in module.named_modules():
-                if hasattr(sub, "reset_parameters") and sub is not module:
-                    sub.reset_parameters()
+                if sub is module:
+                    continue
+                for reset in ("reset_parameters", "_reset_parameters"):
+                    if callable(getattr(sub, reset, None)):
+                        getattr(sub, reset)()
+                        break
             for name, param in module.named_parameters():
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf == "modulation":
