@@ -211,10 +211,11 @@ def _demo() -> ModelPreset:
     return ModelPreset(
         name="demo",
         dit=DiTConfig(
-            text_len=16, dim=256, ffn_dim=768, freq_dim=64, text_dim=128, num_heads=4, num_layers=6,
-            audio_dim=64, references=True, speak_window=2, listen_window=12,
+            text_len=16, dim=128, ffn_dim=384, freq_dim=64, text_dim=64, num_heads=2, num_layers=4,
+            audio_dim=32, references=True, speak_window=2, listen_window=12,
         ),
-        vae=VAEConfig(dim=16, z_dim=16, num_res_blocks=1),
+        # Sized for real time on 2 CPU cores at 128x128, 24 fps (see docs/model.md, make bench).
+        vae=VAEConfig(dim=8, z_dim=16, num_res_blocks=1, decoder_res_blocks=1),
         chunk=ChunkConfig(fps=24, latent_frames_per_chunk=6),
         height=128, width=128, text_max_tokens=16, text_vocab_size=4096,
     )

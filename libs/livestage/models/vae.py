@@ -48,6 +48,9 @@ class VAEConfig:
     attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)
     dropout: float = 0.0
+    decoder_res_blocks: int | None = None
+    """LiveStage extension: residual blocks per decoder stage. None keeps Wan's layout
+    (num_res_blocks + 1); the CPU `demo` preset uses 1 to decode in real time."""
 
     @classmethod
     def from_reference(cls, cfg: dict[str, Any]) -> "VAEConfig":
@@ -98,10 +101,11 @@ class CausalConv3d(nn.Conv3d):
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0):
-        super().__init__(in_dim, out_dim, kernel, stride=stride, padding=0)
         p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        # Spatial padding is symmetric: let the convolution do it (no padded copy); temporal
+        # padding is causal and comes from the cached tail (or zeros).
+        super().__init__(in_dim, out_dim, kernel, stride=stride, padding=(0, p[1], p[2]))
         self.time_pad = 2 * p[0]
-        self.space_pad = (p[2], p[2], p[1], p[1])
         self.pointwise = self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1)
 
     def forward(self, x: torch.Tensor, cache: _StreamCache | None = None) -> torch.Tensor:
@@ -112,8 +116,6 @@ class CausalConv3d(nn.Conv3d):
             x = torch.cat([tail.to(x.dtype), x], dim=2)
             if cache is not None:
                 cache.tails[self.stream_id] = x[:, :, -self.time_pad:].detach().clone()
-        if any(self.space_pad):
-            x = F.pad(x, self.space_pad)
         if self.pointwise:
             # A 1x1x1 convolution is a channel matmul; the generic Conv3d path is much slower.
             y = torch.einsum("oc,bcthw->bothw", self.weight[:, :, 0, 0, 0], x)
@@ -291,7 +293,8 @@ class Decoder3d(nn.Module):
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if i in (1, 2, 3):
                 in_dim = in_dim // 2  # the previous Resample halved the channels
-            for _ in range(c.num_res_blocks + 1):
+            blocks = c.num_res_blocks + 1 if c.decoder_res_blocks is None else c.decoder_res_blocks
+            for _ in range(blocks):
                 layers.append(ResidualBlock(in_dim, out_dim, c.dropout))
                 if scale in c.attn_scales:
                     layers.append(AttentionBlock(out_dim))
