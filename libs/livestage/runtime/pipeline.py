@@ -179,5 +179,8 @@ class InProcessChunkPipeline:
         for d in kept:
             self._deliveries.put_nowait(d)
 
+    async def recover(self, last_kept_chunk: int, epoch: int, dead_stages: list[str]) -> None:
+        await self.rollback("", last_kept_chunk, epoch)  # nothing dies in-process
+
     async def close(self) -> None:
         return None

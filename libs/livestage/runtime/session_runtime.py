@@ -55,12 +55,22 @@ class ChunkDelivery:
     worker_ids: dict[str, str] = field(default_factory=dict)
 
 
+class StageFailure(Exception):
+    """The pipeline stopped delivering: `dead_stages` lists stages whose worker is gone."""
+
+    def __init__(self, dead_stages: list[str]):
+        super().__init__(f"stages not delivering: {', '.join(dead_stages) or 'unknown'}")
+        self.dead_stages = dead_stages
+
+
 class ChunkPipeline(Protocol):
     async def submit(self, request: ChunkRequest) -> None: ...
 
     async def next_delivery(self) -> ChunkDelivery: ...
 
     async def rollback(self, session_id: str, last_kept_chunk: int, epoch: int) -> None: ...
+
+    async def recover(self, last_kept_chunk: int, epoch: int, dead_stages: list[str]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -107,11 +117,9 @@ class SessionRuntime:
     # -- inputs (take effect at chunk boundaries) ---------------------------------------------
     def push_speak_audio(self, samples: np.ndarray) -> None:
         self.speak.push(samples)
-        self._wake.set()
 
     def push_listen_audio(self, samples: np.ndarray) -> None:
         self.listen.push(samples)
-        self._wake.set()
 
     def set_directive(self, text: str) -> None:
         self._pending_directive = text
@@ -126,6 +134,15 @@ class SessionRuntime:
         await self.events("interrupted", {"last_kept_chunk": last_kept, "epoch": self.epoch})
         self._wake.set()
         return last_kept
+
+    async def _recover(self, failure: StageFailure) -> None:
+        """Failover: re-place dead stages, rebuild their caches from the checkpointed latents up
+        to the last chunk played, and regenerate what was in flight (same chunk indices)."""
+        last_kept = self.played - 1
+        self.epoch += 1
+        await self.events("failover", {"dead_stages": failure.dead_stages, "last_kept_chunk": last_kept})
+        await self.pipeline.recover(last_kept, self.epoch, failure.dead_stages)
+        self.next_submit = last_kept + 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -165,13 +182,33 @@ class SessionRuntime:
         elif now - due > self.chunk.chunk_seconds:
             self._clock_start = now - chunk_index * self.chunk.chunk_seconds  # fell behind: re-anchor
 
+    async def _next_delivery_or_stop(self) -> ChunkDelivery | None:
+        """The next delivery; None when `stop()` is called or an interrupt needs new requests."""
+        self._wake.clear()
+        delivery = asyncio.ensure_future(self.pipeline.next_delivery())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        woken = asyncio.ensure_future(self._wake.wait())
+        done, _ = await asyncio.wait({delivery, stopped, woken}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        woken.cancel()
+        if delivery in done:
+            return delivery.result()
+        delivery.cancel()
+        return None
+
     async def run(self, max_chunks: int | None = None) -> None:
         """Produces chunks until `stop()` (or `max_chunks` delivered)."""
         while not self._stop.is_set():
             if max_chunks is not None and self.played >= max_chunks:
                 break
             await self._fill_lookahead()
-            delivery = await self.pipeline.next_delivery()
+            try:
+                delivery = await self._next_delivery_or_stop()
+            except StageFailure as failure:
+                await self._recover(failure)
+                continue
+            if delivery is None:
+                continue  # stopped (the loop condition ends it) or woken to refill after an interrupt
             if delivery.epoch != self.epoch or delivery.chunk_index != self.played:
                 continue  # generated before an interrupt (or a duplicate): never shown
             await self._wait_for_slot(delivery.chunk_index)

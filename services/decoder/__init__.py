@@ -1,0 +1,1 @@
+"""The `decoder` stage service (see livestage.serving.stage_worker)."""

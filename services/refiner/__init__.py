@@ -1,0 +1,1 @@
+"""The `refiner` stage service (see livestage.serving.stage_worker)."""

@@ -1,0 +1,1 @@
+"""The public `session` service: gRPC SessionService and the per-session runtimes."""

@@ -1,0 +1,75 @@
+"""Client-side helpers for the integration tests: gRPC stubs, a frames listener, sample inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from livestage.media.samples import sample_speech
+from livestage.protos import session_pb2 as pb
+from livestage.protos import session_pb2_grpc
+from livestage.transport import NatsBus, Subjects
+
+
+def png_bytes(color=(200, 150, 120), size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def character(color=(200, 150, 120)) -> pb.Character:
+    return pb.Character(references=[pb.ReferenceImage(kind=pb.REFERENCE_KIND_GLOBAL, image=png_bytes(color))],
+                        persona="a friendly test character")
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    return sample_speech(seconds, 16000, seed)
+
+
+async def audio_stream(session_id: str, samples: np.ndarray, rate: int = 16000, channels: int = 1,
+                       block: int = 16000):
+    data = pcm16(samples)
+    step = block * 2 * channels
+    for i in range(0, max(len(data), 1), step):
+        yield pb.AudioChunk(session_id=session_id, pcm16=data[i:i + step], sample_rate=rate, channels=channels)
+
+
+class FramesListener:
+    """Collects (chunk_index, epoch, frames, meta) published for a session."""
+
+    def __init__(self, bus: NatsBus, session_id: str):
+        self.bus = bus
+        self.session_id = session_id
+        self.chunks: list[tuple[int, int, np.ndarray, dict]] = []
+        self.arrived = asyncio.Event()
+
+    async def start(self) -> "FramesListener":
+        async def on(msg, headers, reply):
+            self.chunks.append((msg.chunk_index, msg.epoch, msg.tensors["frames"], dict(msg.meta)))
+            self.arrived.set()
+        self.sub = await self.bus.subscribe(Subjects.session_frames(self.session_id), on)
+        return self
+
+    async def wait_for(self, n: int, timeout: float = 60) -> None:
+        async def loop():
+            while len(self.chunks) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+        await asyncio.wait_for(loop(), timeout)
+
+    @property
+    def indices(self) -> list[int]:
+        return [c[0] for c in self.chunks]
+
+
+def stub(address: str) -> tuple[grpc.aio.Channel, session_pb2_grpc.SessionServiceStub]:
+    channel = grpc.aio.insecure_channel(address)
+    return channel, session_pb2_grpc.SessionServiceStub(channel)
