@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= tiny
 
-.PHONY: setup test test-fast render bench verify-parity clean
+.PHONY: setup test test-fast render up bench bench-model bench-pipeline verify-parity protos clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -21,8 +21,19 @@ render: setup ## the main job on the embedded default: a sample character answer
 verify-parity: setup ## check our DiT and VAE against the shared Wan2.1 reference cases
 	@for f in ../shared/parity/*.safetensors; do $(PY) -m livestage.cli checkpoint verify $$f || exit 1; done
 
-bench: setup ## per-chunk latency per stage (median, p95) and real-time factor, tiny and demo
+up: setup ## the whole stack on loopback (nats, redis, every service) until Ctrl-C
+	@$(PY) -m livestage.devstack --preset $(PRESET)
+
+protos: setup ## regenerate the gRPC/protobuf code from protos/
+	@$(PY) -m livestage.protos
+
+bench: bench-model bench-pipeline ## every benchmark, numbers from one run each
+
+bench-model: setup ## in-process: per-chunk latency per stage (median, p95) and real-time factor
 	@$(PY) loadtests/bench_model.py --presets tiny demo
+
+bench-pipeline: setup ## distributed vs in-process: stage/e2e latency, first chunk, throughput
+	@$(PY) loadtests/bench_pipeline.py --presets tiny demo
 
 clean:
 	rm -rf .work out
