@@ -125,7 +125,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             writer.write_audio(result.speak_audio)
             totals.append(result.timings_ms["total"])
             _emit({**result.timing_record(), "directive": avatar.directive,
-                   "speaking": result.inputs.speaking if result.inputs else None})
+                   "speaking": result.speaking})
     wall = time.perf_counter() - started
     video_seconds = n_chunks * preset.chunk.chunk_seconds
     _emit({"event": "done", "out": str(args.out), "preset": preset.name, "chunks": n_chunks,

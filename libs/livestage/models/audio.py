@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from livestage.models.config import ChunkConfig
 
 
 class AudioFeatureExtractor(Protocol):
@@ -158,6 +161,12 @@ class StreamingAudioWindow:
         self.history_chunks = history_chunks
         self._buffer = np.zeros(0, dtype=np.float32)
         self._origin = 0  # absolute sample index of _buffer[0]
+
+    @classmethod
+    def for_chunks(cls, chunk: "ChunkConfig") -> "StreamingAudioWindow":
+        """A window shaped by a preset's chunking (rate, chunk length, history)."""
+        return cls(sample_rate=chunk.sample_rate, chunk_seconds=chunk.chunk_seconds,
+                   history_chunks=chunk.audio_history_chunks)
 
     @property
     def window_samples(self) -> int:

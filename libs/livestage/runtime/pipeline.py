@@ -37,34 +37,36 @@ class ChunkResult:
     frames: np.ndarray  # uint8 [frames_per_chunk, H, W, 3]
     speak_audio: np.ndarray  # float32 samples of the speak stream played with these frames
     timings_ms: dict[str, float] = field(default_factory=dict)
-    inputs: ChunkInputs | None = None
+    speaking: bool = False
 
     def timing_record(self) -> dict[str, object]:
         return {"chunk": self.chunk_index, **{f"{k}_ms": round(v, 2) for k, v in self.timings_ms.items()}}
 
 
 class StreamingAvatar:
-    """One avatar session running every stage in this process."""
+    """One avatar session running every stage in this process, one `step()` per chunk (the CLI and
+    the model benchmark); the asynchronous runtime uses `InProcessChunkPipeline` directly."""
 
     def __init__(self, models: AvatarModels, references: ReferenceImages, seed: int = 0,
                  directive: str = ""):
         self.models = models
         self.preset = models.preset
-        c = self.preset.chunk
-        self.encoder = ConditionEncoder(models)
-        self.speak = StreamingAudioWindow(sample_rate=c.sample_rate, chunk_seconds=c.chunk_seconds,
-                                          history_chunks=c.audio_history_chunks)
-        self.listen = StreamingAudioWindow(sample_rate=c.sample_rate, chunk_seconds=c.chunk_seconds,
-                                           history_chunks=c.audio_history_chunks)
+        t0 = time.perf_counter()
+        self.pipeline = InProcessChunkPipeline(models, references, seed, lookahead=0)
+        self.setup_ms = (time.perf_counter() - t0) * 1000
+        self.speak = StreamingAudioWindow.for_chunks(self.preset.chunk)
+        self.listen = StreamingAudioWindow.for_chunks(self.preset.chunk)
         self.directive = directive
         self._pending_directive: str | None = None
-        t0 = time.perf_counter()
-        ref_latents = self.encoder.encode_references(references)
-        self.generator = GeneratorSession(models, seed, ref_latents)
-        self.refiner = RefinerSession(models, seed, ref_latents)
-        self.decoder = DecoderSession(models)
-        self.setup_ms = (time.perf_counter() - t0) * 1000
         self.chunk_index = 0
+
+    @property
+    def generator(self) -> GeneratorSession:
+        return self.pipeline.generator
+
+    @property
+    def refiner(self) -> RefinerSession:
+        return self.pipeline.refiner
 
     def push_speak_audio(self, samples: np.ndarray) -> None:
         self.speak.push(samples)
@@ -81,28 +83,14 @@ class StreamingAvatar:
         k = self.chunk_index
         if self._pending_directive is not None:
             self.directive, self._pending_directive = self._pending_directive, None
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        inputs = self.encoder.encode_chunk(k, self.speak.window(k), self.listen.window(k),
-                                           self.directive)
-        timings["encode"] = _lap(t)
-        t = time.perf_counter()
-        coarse = self.generator.generate(inputs)
-        timings["generate"] = _lap(t)
-        t = time.perf_counter()
-        clean = self.refiner.refine(inputs, coarse)
-        timings["refine"] = _lap(t)
-        t = time.perf_counter()
-        frames = self.decoder.decode(clean)
-        timings["decode"] = _lap(t)
-        timings["total"] = sum(timings[s] for s in STAGES)
-        n = self.preset.chunk.samples_per_chunk
-        window = self.speak.window(k)
-        speak_audio = np.asarray(window[-n:], dtype=np.float32)
+        delivery = self.pipeline.produce(ChunkRequest("local", k, 0, self.speak.window(k),
+                                                      self.listen.window(k), self.directive))
+        assert delivery is not None
         self.speak.trim_before(k + 1)
         self.listen.trim_before(k + 1)
         self.chunk_index += 1
-        return ChunkResult(k, frames, speak_audio, timings, inputs)
+        return ChunkResult(k, delivery.frames, delivery.speak_audio, delivery.timings_ms,
+                           delivery.speaking)
 
 
 def _lap(start: float) -> float:

@@ -97,10 +97,8 @@ class SessionRuntime:
         self.realtime = realtime
         self.events = events
         self.on_chunk = on_chunk
-        kw = dict(sample_rate=chunk.sample_rate, chunk_seconds=chunk.chunk_seconds,
-                  history_chunks=chunk.audio_history_chunks)
-        self.speak = StreamingAudioWindow(**kw)
-        self.listen = StreamingAudioWindow(**kw)
+        self.speak = StreamingAudioWindow.for_chunks(chunk)
+        self.listen = StreamingAudioWindow.for_chunks(chunk)
         self.directive = ""
         self._pending_directive: str | None = None
         self.state = SessionStateMachine()
