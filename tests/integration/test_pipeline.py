@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 
 import grpc
@@ -177,3 +176,34 @@ async def test_bad_input_gets_a_clear_status_and_other_sessions_keep_working(sta
         await client.EndSession(pb.SessionRef(session_id=sid))
     await bus.close()
     await channel.close()
+
+
+async def test_health_checks_and_graceful_shutdown_of_a_worker(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from livestage.state import WorkerRegistry, connect_redis
+
+    channel = grpc.aio.insecure_channel(stack.session_address)
+    health = health_pb2_grpc.HealthStub(channel)
+    resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    await channel.close()
+
+    extra = stack.start_stage("refiner", "refiner-extra")
+    r = connect_redis(stack.redis.url)
+    registry = WorkerRegistry(r)
+    for _ in range(200):
+        if await registry.is_alive("refiner-extra"):
+            break
+        await asyncio.sleep(0.1)
+    assert await registry.is_alive("refiner-extra")
+    port = int(extra.extra["grpc_port"])
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    assert (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    await ch.close()
+    extra.proc.send_signal(signal.SIGTERM)
+    assert extra.proc.wait(30) == 0, extra.log()[-2000:]
+    assert not await registry.is_alive("refiner-extra")  # deregistered on drain, not left to expire
+    assert "service_stopped" in extra.log()
+    await r.aclose()

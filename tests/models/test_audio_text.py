@@ -85,3 +85,23 @@ def test_text_encoder_pads_with_zeros_is_deterministic_and_cached():
     assert float((a[0, 0] - cached.encode(["nod"])[0, 0]).abs().max()) > 1e-4
     empty = cached.encode([""])
     assert torch.all(empty == 0)
+
+
+def test_wav2vec2_encoder_loads_real_weights_from_a_directory(tmp_path):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8),
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    reference = Wav2Vec2Model(cfg).eval()
+    reference.save_pretrained(tmp_path)
+    enc = Wav2Vec2AudioEncoder(tmp_path, feature_dim=8, fps=24, layers=[2]).eval()
+    audio = torch.randn(1, 3 * 16000)
+    with torch.no_grad():
+        feats = enc.extract(audio)
+        x = (audio - audio.mean(-1, keepdim=True)) / (audio.std(-1, keepdim=True) + 1e-7)
+        hidden = reference(x, output_hidden_states=True).hidden_states[2]
+        ours = enc.backbone(x, output_hidden_states=True).hidden_states[2]
+    assert feats.shape == (1, 72, 8)
+    assert torch.allclose(ours, hidden, atol=1e-5)  # the saved weights, not a fresh init

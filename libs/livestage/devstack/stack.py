@@ -31,9 +31,10 @@ class LocalStack:
                 "LIVESTAGE_PRESET": self.preset, "LIVESTAGE_LOG_LEVEL": "INFO", **self.env}
 
     def start_stage(self, stage: str, worker_id: str) -> ManagedProcess:
-        env = {**self.base_env(), "LIVESTAGE_WORKER_ID": worker_id,
-               "LIVESTAGE_GRPC_PORT": str(free_port())}
+        port = free_port()
+        env = {**self.base_env(), "LIVESTAGE_WORKER_ID": worker_id, "LIVESTAGE_GRPC_PORT": str(port)}
         proc = start_service(stage, env, self.workdir / "logs", tag=worker_id)
+        proc.extra["grpc_port"] = port
         self.services[worker_id] = proc
         return proc
 

@@ -85,6 +85,19 @@ class MaskedSequenceAttention:
         return sdpa(apply_rotary(q, table), apply_rotary(k, table), v, self.mask.to(q.device))
 
 
+class _DeviceTable:
+    """A rotary table moved to the activations' device once per forward pass, not once per layer."""
+
+    def __init__(self, table: RotaryTable):
+        self.table = table
+        self._on: RotaryTable | None = None
+
+    def on(self, device: torch.device) -> RotaryTable:
+        if self._on is None or self._on.cos.device != device:
+            self._on = self.table.to(device, torch.float32)
+        return self._on
+
+
 class StreamingChunkAttention:
     """The current chunk attends to reference + cached history + itself.
 
@@ -96,7 +109,7 @@ class StreamingChunkAttention:
         self.cache = cache
         self.views = cache.rotary_views(rotary)
         slot = cache.current_slot()
-        self.table = rotary.table(cache.geometry.chunk_positions(slot))
+        self.table = _DeviceTable(rotary.table(cache.geometry.chunk_positions(slot)))
         self.capture = capture
         n = cache.geometry.num_layers
         self.captured_keys: list[torch.Tensor | None] = [None] * n
@@ -106,7 +119,7 @@ class StreamingChunkAttention:
         if self.capture:
             self.captured_keys[layer] = k
             self.captured_values[layer] = v
-        table = self.table.to(q.device, torch.float32)
+        table = self.table.on(q.device)
         q = apply_rotary(q, table)
         k = apply_rotary(k, table)
         hist_k = self.views.keys[layer]

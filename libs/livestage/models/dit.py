@@ -76,7 +76,10 @@ class FloatLayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the activation dtype (bf16 safety)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias,
+                                              self.eps).type_as(x)
 
 
 class _Projections(nn.Module):
@@ -420,7 +423,7 @@ class WanDiT(nn.Module):
 
         def mask(window: int) -> torch.Tensor:
             per_frame = dist <= half + window + 1e-9
-            return per_frame.repeat_interleave(tokens_per_frame, dim=0)
+            return per_frame.repeat_interleave(tokens_per_frame, dim=0).to(ref.device)
 
         return AudioContext(
             speak=self.speak_embedding(feats[0]), listen=self.listen_embedding(feats[1]),

@@ -116,6 +116,11 @@ class InProcessChunkPipeline:
         self._lock = threading.Lock()
         self._deliveries: asyncio.Queue[ChunkDelivery] = asyncio.Queue()
 
+    def _lap(self, start: float) -> float:
+        if self.models.device.type == "cuda":  # kernels are asynchronous: time them, not their launch
+            torch.cuda.synchronize(self.models.device)
+        return _lap(start)
+
     def produce(self, request: ChunkRequest) -> ChunkDelivery | None:
         with self._lock:
             if request.epoch < self._epoch:
@@ -124,16 +129,16 @@ class InProcessChunkPipeline:
             t = time.perf_counter()
             inputs = self.encoder.encode_chunk(request.chunk_index, request.speak_window,
                                                request.listen_window, request.directive)
-            timings["encode"] = _lap(t)
+            timings["encode"] = self._lap(t)
             t = time.perf_counter()
             coarse = self.generator.generate(inputs)
-            timings["generate"] = _lap(t)
+            timings["generate"] = self._lap(t)
             t = time.perf_counter()
             clean = self.refiner.refine(inputs, coarse)
-            timings["refine"] = _lap(t)
+            timings["refine"] = self._lap(t)
             t = time.perf_counter()
             frames = self.decoder.decode(clean, request.chunk_index)
-            timings["decode"] = _lap(t)
+            timings["decode"] = self._lap(t)
             timings["total"] = sum(timings[s] for s in STAGES)
         n = self.models.preset.chunk.samples_per_chunk
         return ChunkDelivery(

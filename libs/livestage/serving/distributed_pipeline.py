@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from livestage.config import Settings
+from livestage.observability import tracer
 from livestage.runtime.session_runtime import ChunkDelivery, ChunkRequest, StageFailure
 from livestage.state import SessionStore, WorkerRegistry
 from livestage.transport import NatsBus, StageMessage, Subjects
@@ -83,10 +84,12 @@ class DistributedChunkPipeline:
         self._outstanding[request.chunk_index] = time.perf_counter()
         self._speak[request.chunk_index] = np.asarray(request.speak_window[-self.samples_per_chunk:],
                                                       dtype=np.float32)
-        await self.bus.publish(Subjects.stage_work("encoder"), StageMessage(
-            "chunk", self.session_id, request.chunk_index, request.epoch, meta,
-            {"speak_window": np.asarray(request.speak_window, np.float32),
-             "listen_window": np.asarray(request.listen_window, np.float32)}))
+        with tracer().start_as_current_span("chunk", attributes={
+                "livestage.session_id": self.session_id, "livestage.chunk": request.chunk_index}):
+            await self.bus.publish(Subjects.stage_work("encoder"), StageMessage(
+                "chunk", self.session_id, request.chunk_index, request.epoch, meta,
+                {"speak_window": np.asarray(request.speak_window, np.float32),
+                 "listen_window": np.asarray(request.listen_window, np.float32)}))
 
     async def next_delivery(self) -> ChunkDelivery:
         while True:

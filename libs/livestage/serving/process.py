@@ -21,6 +21,21 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024)]
 
 
+_instrumented = False
+
+
+def instrument_grpc() -> None:
+    """OpenTelemetry spans for every gRPC call (server and client), trace context in metadata."""
+    global _instrumented
+    if _instrumented:
+        return
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+
+    GrpcAioInstrumentorServer().instrument()
+    GrpcAioInstrumentorClient().instrument()
+    _instrumented = True
+
+
 class ServiceProcess:
     """Owns the connections and lifecycle; a service adds handlers in `setup` and gRPC services
     through `self.grpc_server` before it starts."""
@@ -35,6 +50,7 @@ class ServiceProcess:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.stopping = asyncio.Event()
+        instrument_grpc()
         self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

@@ -57,6 +57,8 @@ class LiveSession:
     started: bool = False
     ended: bool = False
     weights: str = ""
+    started_at: float | None = None
+    frames_delivered: int = 0
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -152,6 +154,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 METRICS.chunk_e2e_latency.observe(e2e / 1000)
             METRICS.lookahead_chunks.labels(session_id=live.session_id).set(
                 live.runtime.next_submit - live.runtime.played)
+            if live.started_at is None:
+                live.started_at = time.perf_counter()
+                live.frames_delivered = 0
+            live.frames_delivered += int(d.frames.shape[0])
+            elapsed = time.perf_counter() - live.started_at
+            if elapsed > 0:
+                METRICS.fps_delivered.labels(session_id=live.session_id).set(live.frames_delivered / elapsed)
             try:
                 await self.store.update(live.session_id, chunks_played=d.chunk_index + 1,
                                         playback_seconds=(d.chunk_index + 1) * self.preset.chunk.chunk_seconds)

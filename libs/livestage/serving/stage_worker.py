@@ -21,7 +21,7 @@ import torch
 
 from livestage.config import Settings
 from livestage.models.bundle import AvatarModels, build_models
-from livestage.observability import METRICS, bind_session
+from livestage.observability import METRICS, bind_session, extract_context, tracer
 from livestage.runtime.stages import (
     ConditionEncoder,
     DecoderSession,
@@ -86,6 +86,10 @@ class EncoderWorker(StageWorker):
         await self.bus.subscribe(Subjects.stage_work("encoder"), self.handle, queue="encoder")
 
     async def handle(self, msg: StageMessage, headers: dict[str, str], reply: str) -> None:
+        with tracer().start_as_current_span(f"encoder.{msg.kind}", context=extract_context(headers)):
+            await self._handle(msg, reply)
+
+    async def _handle(self, msg: StageMessage, reply: str) -> None:
         try:
             if msg.kind == "references":
                 await self._references(msg, reply)
@@ -166,6 +170,11 @@ class StatefulStageWorker(StageWorker):
         await asyncio.sleep(0.2)
 
     async def handle(self, msg: StageMessage, headers: dict[str, str], reply: str) -> None:
+        # One span per message, child of the sender's: a chunk is one trace across all stages.
+        with tracer().start_as_current_span(f"{self.stage}.{msg.kind}", context=extract_context(headers)):
+            await self._handle(msg, reply)
+
+    async def _handle(self, msg: StageMessage, reply: str) -> None:
         try:
             with bind_session(msg.session_id, msg.chunk_index if msg.chunk_index >= 0 else None):
                 if msg.kind == "open":
