@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .work/venv
 PY := $(VENV)/bin/python
-PRESET ?= tiny
+PRESET ?= demo
 
 .PHONY: setup test test-fast render up bench bench-model bench-pipeline verify-parity protos clean
 
