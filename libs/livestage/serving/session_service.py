@@ -154,11 +154,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 METRICS.chunk_e2e_latency.observe(e2e / 1000)
             METRICS.lookahead_chunks.labels(session_id=live.session_id).set(
                 live.runtime.next_submit - live.runtime.played)
-            if live.started_at is None:
-                live.started_at = time.perf_counter()
-                live.frames_delivered = 0
+            now = time.perf_counter()
+            if live.frames_delivered == 0 and live.started_at is not None:
+                METRICS.time_to_first_chunk.observe(now - live.started_at)
             live.frames_delivered += int(d.frames.shape[0])
-            elapsed = time.perf_counter() - live.started_at
+            elapsed = now - (live.started_at or now)
             if elapsed > 0:
                 METRICS.fps_delivered.labels(session_id=live.session_id).set(live.frames_delivered / elapsed)
             try:
@@ -242,21 +242,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "session_id: session has ended")
             if not live.started:
                 live.started = True
+                live.started_at = time.perf_counter()
                 live.task = asyncio.create_task(self._run_session(live))
             return await self._to_proto(live.session_id)
         return await self._guard(context, run())
 
     async def _run_session(self, live: LiveSession) -> None:
-        started = time.perf_counter()
         try:
             with bind_session(live.session_id):
-                first = asyncio.create_task(live.runtime.run())
-                while not first.done():
-                    await asyncio.sleep(0.05)
-                    if live.runtime.first_chunk_latency_s is not None and started:
-                        METRICS.time_to_first_chunk.observe(time.perf_counter() - started)
-                        started = 0.0
-                await first
+                await live.runtime.run()
         except Exception as exc:
             self.log.exception("session_failed", session_id=live.session_id)
             await self._emit(live, pb.SessionEvent(error=pb.ErrorEvent(code="session_failed", message=str(exc))))
