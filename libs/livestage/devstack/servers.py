@@ -79,6 +79,18 @@ class ManagedProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
 
+def _spawn_server(name: str, argv: list[str], port: int, url: str, log: Path) -> ManagedProcess:
+    """Starts a server binary, waits until it listens, and stops it again if it never does."""
+    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    mp = ManagedProcess(name, proc, port, url, log)
+    try:
+        wait_for_port(port, proc=proc, name=name)
+    except Exception:
+        mp.stop()
+        raise
+    return mp
+
+
 def start_nats(workdir: Path, max_payload: str = "8MB", port: int | None = None) -> ManagedProcess:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -88,32 +100,17 @@ def start_nats(workdir: Path, max_payload: str = "8MB", port: int | None = None)
         f"max_payload: {max_payload}\n"
         f"jetstream {{ store_dir: \"{workdir / f'js-{port}'}\", max_memory_store: 64MB, max_file_store: 256MB }}\n"
     )
-    log = workdir / f"nats-{port}.log"
-    proc = subprocess.Popen([find_binary("nats-server"), "-c", str(conf)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    mp = ManagedProcess("nats-server", proc, port, f"nats://127.0.0.1:{port}", log)
-    try:
-        wait_for_port(port, proc=proc, name="nats-server")
-    except Exception:
-        mp.stop()
-        raise
-    return mp
+    return _spawn_server("nats-server", [find_binary("nats-server"), "-c", str(conf)], port,
+                         f"nats://127.0.0.1:{port}", workdir / f"nats-{port}.log")
 
 
 def start_redis(workdir: Path, port: int | None = None) -> ManagedProcess:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"redis-{port}.log"
-    proc = subprocess.Popen([find_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
-                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    mp = ManagedProcess("redis-server", proc, port, f"redis://127.0.0.1:{port}/0", log)
-    try:
-        wait_for_port(port, proc=proc, name="redis-server")
-    except Exception:
-        mp.stop()
-        raise
-    return mp
+    argv = [find_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]
+    return _spawn_server("redis-server", argv, port, f"redis://127.0.0.1:{port}/0",
+                         workdir / f"redis-{port}.log")
 
 
 def start_service(name: str, env: dict[str, str], workdir: Path, wait_port: int | None = None,
