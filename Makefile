@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= demo
 
-.PHONY: setup test test-fast render up bench bench-model bench-pipeline verify-parity protos clean
+.PHONY: setup test test-fast render up bench bench-model bench-pipeline verify-parity protos chart-check compose-check clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -34,6 +34,12 @@ bench-model: setup ## in-process: per-chunk latency per stage (median, p95) and 
 
 bench-pipeline: setup ## distributed vs in-process: stage/e2e latency, first chunk, throughput
 	@$(PY) loadtests/bench_pipeline.py --presets tiny demo
+
+chart-check: setup ## render the Helm chart with every values file and validate it strictly
+	@$(PY) -m pytest -q -p no:cacheprovider tests/deploy -k "chart or values or pods or images or broken"
+
+compose-check: setup ## validate docker-compose.yml with the Compose v2 binary
+	@$$($(PY) -c 'import compose,os;print(os.path.join(os.path.dirname(compose.__file__),"docker-compose"))') -f docker-compose.yml config -q && echo "docker-compose.yml: valid"
 
 clean:
 	rm -rf .work out
