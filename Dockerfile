@@ -19,3 +19,16 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
 ENV LIVESTAGE_GRPC_HOST=0.0.0.0 LIVESTAGE_GRPC_PORT=50051 LIVESTAGE_METRICS_PORT=9100
 EXPOSE 50051 9100
 CMD ["python", "-m", "services.session"]
+
+# Triton image: NVIDIA's tritonserver with LiveStage installed for the python backend.
+#   docker build --target triton -t livestage:triton .
+FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS triton
+WORKDIR /opt/livestage
+COPY requirements.txt pyproject.toml README.md ./
+COPY protos ./protos
+COPY libs ./libs
+COPY services ./services
+RUN pip install --no-cache-dir torch==2.13.0 safetensors pillow numpy pydantic-settings structlog \
+      opentelemetry-api opentelemetry-sdk prometheus-client protobuf grpcio-tools \
+ && pip install --no-cache-dir --no-deps -e . && python -m livestage.protos
+USER 1000

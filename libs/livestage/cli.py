@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", type=Path, required=True, help="output MP4 path")
     render.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 
+    repo = sub.add_parser("triton-repo", help="generate a Triton model repository from our model code")
+    repo.add_argument("--preset", default="tiny")
+    repo.add_argument("--out", type=Path, required=True)
+    repo.add_argument("--weights", default="", help="weights directory inside the Triton image")
+    repo.add_argument("--seed", type=int, default=0)
+    repo.add_argument("--allow-seeded", action="store_true", help="dev only: run without weights")
+    repo.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
+    repo.add_argument("--idle-timeout", type=float, default=600.0,
+                      help="seconds before an abandoned session's caches are freed")
+    repo.add_argument("--sys-path", default="", help="extra import path for LiveStage in the image")
+
     ckpt = sub.add_parser("checkpoint", help="checkpoint tools")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     verify = ckpt_sub.add_parser("verify", help="compare our model with a reference parity archive")
@@ -151,12 +162,27 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_FAILED
 
 
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    from livestage.serving.triton_repo import build_repository
+
+    if not args.weights and not args.allow_seeded:
+        raise CliError("give --weights DIR (as seen inside the Triton image) or --allow-seeded")
+    out = build_repository(args.out, args.preset, weights_dir=args.weights, seed=args.seed,
+                           allow_seeded=args.allow_seeded, device=args.device,
+                           idle_timeout_s=args.idle_timeout, sys_path=args.sys_path)
+    for stage_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        print(f"{stage_dir}/config.pbtxt")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "render":
             return cmd_render(args)
+        if args.command == "triton-repo":
+            return cmd_triton_repo(args)
         if args.command == "checkpoint" and args.checkpoint_command == "verify":
             return cmd_checkpoint_verify(args)
     except CliError as exc:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     """A chunk not delivered within this time triggers a liveness check of its workers."""
     max_audio_message_bytes: int = 1 << 20
     sample_rate: int = 16000
+    backend: str = "local"
+    """Where stage engines run: `local` (in the service process) or `triton` (a Triton server)."""
+    triton_url: str = ""
+    """host:port of Triton's gRPC endpoint when backend=triton."""
+    session_idle_timeout_s: float = 600.0
+    """A stage frees a session's caches after this long without a request (abandoned sessions)."""
     torch_threads: int = 0
     drain_timeout_s: float = 30.0
 

@@ -24,11 +24,26 @@ class LocalStack:
     redis: ManagedProcess | None = None
     services: dict[str, ManagedProcess] = field(default_factory=dict)
     session_port: int = 0
+    backend: str = "local"
+    """`triton`: also start a Triton server on a generated repository; stages call it."""
+    triton: ManagedProcess | None = None
 
     def base_env(self) -> dict[str, str]:
         assert self.nats and self.redis
-        return {"LIVESTAGE_NATS_URL": self.nats.url, "LIVESTAGE_REDIS_URL": self.redis.url,
-                "LIVESTAGE_PRESET": self.preset, "LIVESTAGE_LOG_LEVEL": "INFO", **self.env}
+        env = {"LIVESTAGE_NATS_URL": self.nats.url, "LIVESTAGE_REDIS_URL": self.redis.url,
+               "LIVESTAGE_PRESET": self.preset, "LIVESTAGE_LOG_LEVEL": "INFO",
+               "LIVESTAGE_BACKEND": self.backend, **self.env}
+        if self.triton is not None:
+            env["LIVESTAGE_TRITON_URL"] = self.triton.url
+        return env
+
+    def start_triton(self) -> None:
+        from livestage.devstack.triton import python_search_path, start_triton
+        from livestage.serving.triton_repo import STAGES, build_repository
+
+        repo = build_repository(self.workdir / "triton-repo", self.preset, allow_seeded=True,
+                                sys_path=python_search_path(), torch_threads=1)
+        self.triton = start_triton(repo, self.workdir / "triton", models=STAGES)
 
     def start_stage(self, stage: str, worker_id: str) -> ManagedProcess:
         port = free_port()
@@ -43,6 +58,8 @@ class LocalStack:
         self.nats = start_nats(self.workdir / "nats")
         self.redis = start_redis(self.workdir / "redis")
         try:
+            if self.backend == "triton":
+                self.start_triton()
             self.start_stage("encoder", "encoder-1")
             for i in range(self.generators):
                 self.start_stage("generator", f"generator-{i + 1}")
@@ -88,7 +105,7 @@ class LocalStack:
     def stop(self) -> None:
         for proc in reversed(list(self.services.values())):
             proc.stop()
-        for proc in (self.redis, self.nats):
+        for proc in (self.triton, self.redis, self.nats):
             if proc is not None:
                 proc.stop()
 
