@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= demo
 
-.PHONY: setup test test-fast render up bench bench-model bench-pipeline verify-parity protos chart-check compose-check clean
+.PHONY: setup test test-fast render up bench bench-model bench-pipeline bench-triton verify-parity protos chart-check compose-check clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -27,13 +27,16 @@ up: setup ## the whole stack on loopback (nats, redis, every service) until Ctrl
 protos: setup ## regenerate the gRPC/protobuf code from protos/
 	@$(PY) -m livestage.protos
 
-bench: bench-model bench-pipeline ## every benchmark, numbers from one run each
+bench: bench-model bench-pipeline bench-triton ## every benchmark, numbers from one run each
 
 bench-model: setup ## in-process: per-chunk latency per stage (median, p95) and real-time factor
 	@$(PY) loadtests/bench_model.py --presets tiny demo
 
 bench-pipeline: setup ## distributed vs in-process: stage/e2e latency, first chunk, throughput
 	@$(PY) loadtests/bench_pipeline.py --presets tiny demo
+
+bench-triton: setup ## the same stage engines in-process vs inside a Triton server (CPU)
+	@$(PY) loadtests/bench_triton.py --presets tiny demo
 
 chart-check: setup ## render the Helm chart with every values file and validate it strictly
 	@$(PY) -m pytest -q -p no:cacheprovider tests/deploy -k "chart or values or pods or images or broken"

@@ -30,9 +30,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_preset(name: str, chunks: int, warmup: int, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> dict:
+                 dtype: torch.dtype = torch.float32, compile: bool = False) -> dict:
     preset = get_preset(name)
-    models = build_models(preset, None, seed=0, device=device, dtype=dtype)
+    models = build_models(preset, None, seed=0, device=device, dtype=dtype, compile=compile)
     rate = preset.chunk.sample_rate
     avatar = StreamingAvatar(models, [("global", sample_character((preset.height, preset.width)))])
     total_s = (chunks + warmup) * preset.chunk.chunk_seconds
@@ -49,6 +49,7 @@ def bench_preset(name: str, chunks: int, warmup: int, device: str = "cpu",
         "preset": name,
         "device": str(models.device) + (f" ({torch.cuda.get_device_name()})" if models.device.type == "cuda" else ""),
         "dtype": str(dtype).replace("torch.", ""),
+        "compiled": compile,
         "resolution": f"{preset.width}x{preset.height}",
         "fps": preset.chunk.fps,
         "frames_per_chunk": preset.chunk.frames_per_chunk,
@@ -70,13 +71,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench_model.json"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks and VAE decoder")
     args = parser.parse_args()
     results = []
     started = time.time()
     for name in args.presets:
-        r = bench_preset(name, args.chunks, args.warmup, args.device, getattr(torch, args.dtype))
+        r = bench_preset(name, args.chunks, args.warmup, args.device, getattr(torch, args.dtype), args.compile)
         results.append(r)
-        print(f"\n== {name} on {r['device']} {r['dtype']}: {r['resolution']} @ {r['fps']} fps, {r['tokens_per_chunk']} tokens/chunk, "
+        print(f"\n== {name} on {r['device']} {r['dtype']}{' compiled' if r['compiled'] else ''}: {r['resolution']} @ {r['fps']} fps, {r['tokens_per_chunk']} tokens/chunk, "
               f"{r['nfe_per_chunk']} DiT passes/chunk, {r['chunks']} chunks")
         print(f"{'stage':<10}{'median ms':>12}{'p95 ms':>12}")
         for stage, v in r["stages_ms"].items():

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     repo.add_argument("--weights", default="", help="weights directory inside the Triton image")
     repo.add_argument("--seed", type=int, default=0)
     repo.add_argument("--allow-seeded", action="store_true", help="dev only: run without weights")
-    repo.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
+    repo.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                      help="instance kind: auto = GPU where there is one, else CPU")
     repo.add_argument("--idle-timeout", type=float, default=600.0,
                       help="seconds before an abandoned session's caches are freed")
     repo.add_argument("--sys-path", default="", help="extra import path for LiveStage in the image")

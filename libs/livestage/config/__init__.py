@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     """host:port of Triton's gRPC endpoint when backend=triton."""
     session_idle_timeout_s: float = 600.0
     """A stage frees a session's caches after this long without a request (abandoned sessions)."""
+    compile: bool = False
+    """torch.compile the DiT blocks and the VAE decoder (GPU nodes; the first chunks pay for it)."""
     torch_threads: int = 0
     drain_timeout_s: float = 30.0
 

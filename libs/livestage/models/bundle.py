@@ -71,7 +71,7 @@ def _audio_encoder(preset: ModelPreset, audio_model_dir: Path | None) -> nn.Modu
 def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = None, *,
                  seed: int = 0, allow_seeded: bool = True, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, allow_base_wan: bool = False,
-                 audio_model_dir: str | Path | None = None) -> AvatarModels:
+                 audio_model_dir: str | Path | None = None, compile: bool = False) -> AvatarModels:
     """Builds and loads every model of `preset`.
 
     `allow_seeded=False` (production) turns a missing weights directory into an error instead of
@@ -108,6 +108,13 @@ def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = Non
         vae.set_latent_stats(torch.tensor(WAN21_LATENT_MEAN), torch.tensor(WAN21_LATENT_STD))
     for module in modules.values():
         module.to(device=device, dtype=dtype).eval()
+    if compile:
+        # torch.compile each DiT block (one graph serves every block: parameters are inputs) and
+        # the VAE decoder; the first chunks pay the compile time.
+        for dit in (modules["backbone"], modules["refiner"]):
+            for block in dit.blocks:  # type: ignore[union-attr]
+                block.compile()
+        modules["vae"].decoder.compile()  # type: ignore[union-attr]
     if any(s.seeded for s in sources.values()):
         log.warning("preset %s runs on SEEDED RANDOM weights: output is noise, not a trained avatar",
                     preset.name)

@@ -44,7 +44,7 @@ def make_backend(settings: Settings, stage: str) -> StageBackend:
     if settings.backend != "local":
         raise ValueError(f"LIVESTAGE_BACKEND must be local or triton, got {settings.backend!r}")
     models = build_models(settings.preset, settings.weights_dir or None, seed=settings.seed,
-                          allow_seeded=settings.allow_seeded_weights)
+                          allow_seeded=settings.allow_seeded_weights, compile=settings.compile)
     return LocalBackend(make_engine(stage, models, settings.session_idle_timeout_s))
 
 

@@ -1,6 +1,6 @@
 """Generates a Triton model repository from LiveStage's own model code.
 
-    livestage triton-repo --preset tiny --out model_repository [--weights DIR] [--device cpu|gpu]
+    livestage triton-repo --preset tiny --out model_repository [--weights DIR] [--device auto|cpu|gpu]
 
 One python-backend model per stage. `model.py` imports `livestage.serving.engines` (so the image
 needs LiveStage installed, or `--sys-path` pointing at it) and serves that stage's engine:
@@ -94,7 +94,8 @@ class TritonPythonModel:
 
 def config_pbtxt(stage: str, params: dict[str, str], device: str, idle_timeout_s: float,
                  max_batch: int = 8, max_sessions: int = 16) -> str:
-    kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
+    # KIND_AUTO: on GPUs when the node has them, else on CPU (the fallback); gpu/cpu pin it.
+    kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}[device]
     params_txt = ",\n".join(
         f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in sorted(params.items()))
     if stage == "encoder":
@@ -119,12 +120,12 @@ def config_pbtxt(stage: str, params: dict[str, str], device: str, idle_timeout_s
 
 
 def build_repository(out: str | Path, preset: str, weights_dir: str = "", seed: int = 0,
-                     allow_seeded: bool = False, device: str = "cpu", idle_timeout_s: float = 600.0,
+                     allow_seeded: bool = False, device: str = "auto", idle_timeout_s: float = 600.0,
                      sys_path: str = "", torch_threads: int = 0, stages: tuple[str, ...] = STAGES) -> Path:
     """Writes `<out>/<stage>/config.pbtxt` and `<out>/<stage>/1/model.py` for every stage."""
     get_preset(preset)  # unknown presets fail here, not inside Triton
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be cpu or gpu, got {device!r}")
+    if device not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
     out = Path(out)
     for stage in stages:
         params = {"stage": stage, "preset": preset, "weights_dir": weights_dir, "seed": str(seed),
