@@ -49,13 +49,19 @@ def test_gpu_values_give_every_model_pod_a_gpu_and_cpu_dev_none():
     gpu = workloads(render("values-gpu.yaml"))
     cpu = workloads(render("values-cpu-dev.yaml"))
     for name in MODEL:
-        res = gpu[name]["spec"]["template"]["spec"]["containers"][0]["resources"]
+        containers = {c["name"]: c for c in gpu[name]["spec"]["template"]["spec"]["containers"]}
+        # the model runs in the Triton sidecar: it holds the GPU, the stage worker calls it
+        res = containers["triton"]["resources"]
         assert res["limits"]["nvidia.com/gpu"] == "1" and res["requests"]["nvidia.com/gpu"] == "1"
+        env = {e["name"]: e.get("value") for e in containers[name]["env"]}
+        assert env["LIVESTAGE_BACKEND"] == "triton" and env["LIVESTAGE_TRITON_URL"] == "127.0.0.1:8001"
+        assert "nvidia.com/gpu" not in str(containers[name]["resources"])
         assert gpu[name]["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
         assert any(t["key"] == "nvidia.com/gpu" for t in gpu[name]["spec"]["template"]["spec"]["tolerations"])
     assert "nvidia.com/gpu" not in str(gpu["session"]["spec"]["template"]["spec"]["containers"][0]["resources"])
     for name, d in cpu.items():
         assert "nvidia.com/gpu" not in str(d["spec"]["template"]["spec"]), name
+        assert [c["name"] for c in d["spec"]["template"]["spec"]["containers"]] == [name]  # no sidecar
 
 
 @pytest.mark.parametrize("values_file", VALUES)
