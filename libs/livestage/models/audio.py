@@ -8,14 +8,20 @@ cross-attention is windowed per video frame:
 - `LogMelAudioEncoder`: built in, runs anywhere: a log-mel spectrogram (80 mels, 25 ms / 10 ms),
   resampled to the video frame rate, then a small learned temporal conv + projection.
 - `Wav2Vec2AudioEncoder`: real wav2vec2 weights from a directory (Hugging Face layout), hidden
-  states averaged over chosen layers, resampled from 50 Hz to the video rate, then projected.
+  states of chosen layers (averaged or concatenated), resampled from 50 Hz to the video rate, then
+  a learned projection. Only the projection is LiveStage's own weights (see the class).
+
+`AudioConditioner` ties the two together for one chunk: speak and listen windows in, features of
+the whole window out, plus where the current chunk's frames sit inside it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +33,8 @@ if TYPE_CHECKING:
 
 
 class AudioFeatureExtractor(Protocol):
+    """Anything that turns mono audio windows into one feature vector per video frame."""
+
     sample_rate: int
     feature_dim: int
     fps: int
@@ -37,12 +45,18 @@ class AudioFeatureExtractor(Protocol):
 
 
 def frames_in(samples: int, sample_rate: int, fps: int) -> int:
+    """Video frames spanned by `samples` audio samples (3 s at 24 fps -> 72)."""
     return int(round(samples / sample_rate * fps))
 
 
 def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, fmin: float = 0.0,
                    fmax: float | None = None) -> torch.Tensor:
-    """Triangular mel filters [n_mels, n_fft//2 + 1] (HTK mel scale), area-normalised."""
+    """Triangular mel filters [n_mels, n_fft//2 + 1] (HTK mel scale), area-normalised.
+
+    Computed here rather than taken from an audio library so the built-in encoder has no
+    dependency beyond torch and numpy; area normalisation keeps every band's energy on a
+    comparable scale whatever its width.
+    """
     fmax = fmax or sample_rate / 2
 
     def hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -65,17 +79,38 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, fmin: float = 0.0,
 
 
 def resample_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """Linear interpolation in time of [B, T, D] features to `frames` frames."""
+    """Linear interpolation in time of [B, T, D] features to `frames` frames.
+
+    Both audio frame rates (100 Hz mels, 50 Hz wav2vec2) are higher than the video rate and not
+    integer multiples of it, so linear interpolation (not striding) keeps frame i centred on
+    the audio around i/fps.
+    """
     if x.shape[1] == frames:
         return x
     return F.interpolate(x.transpose(1, 2), size=frames, mode="linear", align_corners=False).transpose(1, 2)
 
 
+def _as_batch(window: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[samples] or [B, samples] (tensor or array) -> [B, samples]."""
+    x = torch.as_tensor(window)
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise ValueError(f"audio windows must be [samples] or [B, samples], got shape {tuple(x.shape)}")
+    return x
+
+
 class LogMelAudioEncoder(nn.Module):
-    """Log-mel features at the video rate with a small learned projection (parameter names stable)."""
+    """Log-mel features at the video rate with a small learned projection.
+
+    Parameter names (`norm.*`, `temporal.*`, `proj.*`) are part of the checkpoint format
+    (`audio_encoder.safetensors`); the filterbank and STFT window are recomputed, not stored.
+    """
 
     def __init__(self, feature_dim: int, fps: int, sample_rate: int = 16000, n_mels: int = 80):
         super().__init__()
+        if feature_dim < 1 or fps < 1 or sample_rate < 1 or n_mels < 1:
+            raise ValueError("feature_dim, fps, sample_rate and n_mels must be positive")
         self.feature_dim = feature_dim
         self.fps = fps
         self.sample_rate = sample_rate
@@ -90,7 +125,7 @@ class LogMelAudioEncoder(nn.Module):
         self.proj = nn.Linear(feature_dim, feature_dim)
 
     def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, samples] -> log-mel [B, frames_10ms, n_mels]."""
+        """[B, samples] -> log-mel [B, frames_10ms, n_mels] (always computed in float32)."""
         spec = torch.stft(audio.float(), n_fft=self.n_fft, hop_length=self.hop, win_length=self.win,
                           window=self.window.float(), center=True, return_complex=True)
         power = spec.abs().pow(2)  # [B, freq, T]
@@ -98,8 +133,8 @@ class LogMelAudioEncoder(nn.Module):
         return torch.log(mel + 1e-6)
 
     def extract(self, window: torch.Tensor) -> torch.Tensor:
-        if window.dim() == 1:
-            window = window.unsqueeze(0)
+        """Mono windows [B, samples] -> [B, frames at fps, feature_dim]."""
+        window = _as_batch(window).to(self.proj.weight.device)
         frames = frames_in(window.shape[-1], self.sample_rate, self.fps)
         mel = resample_frames(self.log_mel(window), frames)
         dtype = self.proj.weight.dtype
@@ -110,56 +145,152 @@ class LogMelAudioEncoder(nn.Module):
     forward = extract
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+
+
 class Wav2Vec2AudioEncoder(nn.Module):
-    """wav2vec2 hidden states (weights from a directory) resampled to the video rate + projection."""
+    """wav2vec2 hidden states (weights from a directory) resampled to the video rate + projection.
+
+    The wav2vec2 backbone is frozen and deliberately *not* registered as a submodule: its weights
+    come from the Hugging Face directory, which is their one source of truth. So `state_dict()`
+    holds only LiveStage's learned projection (`proj.*`, what `audio_encoder.safetensors`
+    stores), and a seeded initialisation of the encoder (which re-runs every submodule's
+    `reset_parameters`) can never overwrite pretrained weights. Device and dtype moves
+    (`.to()`, `.half()`...) still reach the backbone, and it stays in eval mode whatever
+    `.train()` is called on the encoder, so features are deterministic.
+
+    `layers` picks hidden states (0 = the CNN feature projection, i = after transformer layer i;
+    negative indices count from the end); default: all. `reduce` averages them (`mean`, the
+    projection input is `hidden_size`) or concatenates them (`concat`, `hidden_size * len(layers)`).
+    Input normalisation follows the directory's `preprocessor_config.json` (`do_normalize`,
+    default on) unless `normalize` is given.
+    """
 
     def __init__(self, model_dir: str | Path, feature_dim: int, fps: int,
-                 layers: Sequence[int] | None = None, sample_rate: int = 16000):
+                 layers: Sequence[int] | None = None, sample_rate: int = 16000,
+                 reduce: Literal["mean", "concat"] = "mean", normalize: bool | None = None):
         super().__init__()
         path = Path(model_dir)
         if not path.is_dir() or not (path / "config.json").is_file():
             raise FileNotFoundError(f"wav2vec2 model directory not found or has no config.json: {path}")
         if not any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
-            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in wav2vec2 directory {path}")
+        if reduce not in ("mean", "concat"):
+            raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
+        preprocessor = path / "preprocessor_config.json"
+        pre = _read_json(preprocessor) if preprocessor.is_file() else {}
+        model_rate = int(pre.get("sampling_rate", 16000))
+        if sample_rate != model_rate:
+            raise ValueError(f"wav2vec2 model in {path} expects {model_rate} Hz audio, not {sample_rate} Hz")
         try:
             from transformers import Wav2Vec2Model
         except ImportError as exc:  # pragma: no cover - depends on the deployment image
-            raise RuntimeError("the wav2vec2 audio encoder needs the 'transformers' package") from exc
-        self.backbone = Wav2Vec2Model.from_pretrained(str(path), local_files_only=True).eval()
-        hidden = self.backbone.config.hidden_size
-        n_layers = self.backbone.config.num_hidden_layers
-        self.layers = tuple(layers) if layers is not None else tuple(range(n_layers + 1))
+            raise ImportError("the wav2vec2 audio encoder needs the 'transformers' package") from exc
+        backbone = Wav2Vec2Model.from_pretrained(str(path), local_files_only=True).eval()
+        backbone.requires_grad_(False)
+        object.__setattr__(self, "_backbone", backbone)  # not a submodule: see the class docstring
+        hidden = backbone.config.hidden_size
+        n_states = backbone.config.num_hidden_layers + 1
+        chosen = list(layers) if layers is not None else list(range(n_states))
+        if not chosen:
+            raise ValueError("layers must name at least one hidden state")
+        for i in chosen:
+            if not -n_states <= i < n_states:
+                raise ValueError(f"layer {i} out of range: the model in {path} has hidden states "
+                                 f"0..{n_states - 1}")
+        self.layers = tuple(i % n_states for i in chosen)
+        self.reduce = reduce
+        self.normalize = bool(pre.get("do_normalize", True)) if normalize is None else normalize
+        self.model_dir = path
         self.feature_dim = feature_dim
         self.fps = fps
         self.sample_rate = sample_rate
-        self.proj = nn.Linear(hidden, feature_dim)
+        in_dim = hidden * (len(self.layers) if reduce == "concat" else 1)
+        self.proj = nn.Linear(in_dim, feature_dim)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen Hugging Face `Wav2Vec2Model`."""
+        return self._backbone  # type: ignore[no-any-return]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Wav2Vec2AudioEncoder":
+        # `.to()`, `.cuda()`, `.half()` all go through `_apply`: carry the hidden backbone along.
+        super()._apply(fn, recurse)
+        self._backbone._apply(fn, recurse)
+        return self
+
+    def hidden_states(self, window: torch.Tensor) -> torch.Tensor:
+        """[B, samples] -> reduced hidden states [B, ~50 Hz frames, in_dim] (no projection)."""
+        ref = next(self._backbone.parameters())
+        x = _as_batch(window).to(device=ref.device, dtype=torch.float32)
+        if self.normalize:  # as Wav2Vec2FeatureExtractor(do_normalize=True): zero mean, unit variance
+            x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
+        with torch.no_grad():
+            out = self._backbone(x.to(ref.dtype), output_hidden_states=True)
+        states = [out.hidden_states[i] for i in self.layers]
+        return torch.cat(states, dim=-1) if self.reduce == "concat" else torch.stack(states).mean(0)
 
     def extract(self, window: torch.Tensor) -> torch.Tensor:
-        if window.dim() == 1:
-            window = window.unsqueeze(0)
+        """Mono windows [B, samples] at 16 kHz -> [B, frames at fps, feature_dim]."""
+        window = _as_batch(window)
         frames = frames_in(window.shape[-1], self.sample_rate, self.fps)
-        x = window.float()
-        x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-7)
-        with torch.no_grad():
-            out = self.backbone(x, output_hidden_states=True)
-        states = torch.stack([out.hidden_states[i] for i in self.layers]).mean(0)
-        return self.proj(resample_frames(states, frames).to(self.proj.weight.dtype))
+        states = self.hidden_states(window)
+        return self.proj(resample_frames(states.float(), frames).to(self.proj.weight.dtype))
 
     forward = extract
+
+
+def _as_mono_float32(samples: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Mono float32 in [-1, 1] from float samples or integer PCM (int16 from a WebRTC track...).
+
+    Integer PCM is scaled by its type's full range: pushing raw int16 as floats would feed the
+    encoders values of +-32768 without any error.
+    """
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    arr = np.asarray(samples)
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"audio must be mono 1-D samples, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        if info.min == 0:  # unsigned PCM (u8) is centred on half range
+            arr = (arr.astype(np.float32) - (info.max + 1) / 2) / ((info.max + 1) / 2)
+        else:
+            arr = arr.astype(np.float32) / float(-info.min)
+    else:
+        arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError("audio samples contain NaN or infinity")
+    return arr
 
 
 class StreamingAudioWindow:
     """Mono samples of one stream, read as 3 s windows [k-2, k+1) s per chunk k.
 
-    Samples before t=0 and beyond what has arrived read as silence. Memory stays bounded: once
-    chunk k plays, `trim_before(k)` forgets what no later window needs.
+    The timeline is the sample count: sample i plays at i / sample_rate seconds after the session
+    start, so a producer that has nothing to say must push silence (or call `pad_to`) to keep
+    later audio at the right time. Samples before t=0 and beyond what has arrived read as
+    silence. Memory stays bounded: once chunk k plays, `trim_before(k)` forgets what no window of
+    chunk >= k needs. Pushes are appended to a list and joined lazily at the next read, so a
+    TTS reply pushed in many 20 ms frames costs linear, not quadratic, copying.
     """
 
     def __init__(self, sample_rate: int = 16000, chunk_seconds: float = 1.0, history_chunks: int = 2):
+        if sample_rate < 1 or chunk_seconds <= 0 or history_chunks < 0:
+            raise ValueError("sample_rate and chunk_seconds must be positive, history_chunks >= 0")
         self.sample_rate = sample_rate
+        self.chunk_seconds = chunk_seconds
         self.chunk_samples = int(round(sample_rate * chunk_seconds))
         self.history_chunks = history_chunks
         self._buffer = np.zeros(0, dtype=np.float32)
+        self._pending: list[np.ndarray] = []
+        self._pending_size = 0
         self._origin = 0  # absolute sample index of _buffer[0]
 
     @classmethod
@@ -168,39 +299,77 @@ class StreamingAudioWindow:
         return cls(sample_rate=chunk.sample_rate, chunk_seconds=chunk.chunk_seconds,
                    history_chunks=chunk.audio_history_chunks)
 
+    def _flat(self) -> np.ndarray:
+        if self._pending:
+            self._buffer = np.concatenate([self._buffer, *self._pending])
+            self._pending.clear()
+            self._pending_size = 0
+        return self._buffer
+
     @property
     def window_samples(self) -> int:
+        """Samples in one window: history chunks + the current chunk."""
         return self.chunk_samples * (self.history_chunks + 1)
 
     @property
     def end_sample(self) -> int:
-        return self._origin + self._buffer.size
+        """Absolute index one past the last sample received."""
+        return self._origin + self._buffer.size + self._pending_size
+
+    @property
+    def buffered_samples(self) -> int:
+        """Samples held in memory (bounded by `trim_before`)."""
+        return self._buffer.size + self._pending_size
 
     @property
     def available_seconds(self) -> float:
+        """Seconds of audio received since t=0 (including anything already trimmed)."""
         return self.end_sample / self.sample_rate
 
     def push(self, samples: np.ndarray | torch.Tensor) -> None:
-        arr = np.asarray(samples.detach().cpu() if isinstance(samples, torch.Tensor) else samples,
-                         dtype=np.float32)
-        if arr.ndim != 1:
-            raise ValueError(f"audio must be mono 1-D samples, got shape {arr.shape}")
-        self._buffer = np.concatenate([self._buffer, arr])
+        """Appends mono samples (float in [-1, 1], or integer PCM, which is scaled)."""
+        arr = _as_mono_float32(samples)
+        if arr.size:
+            self._pending.append(arr.copy())
+            self._pending_size += arr.size
+
+    def pad_to(self, seconds: float) -> None:
+        """Appends silence so that audio reaches `seconds` (no-op if it already does).
+
+        Keeps the next push at the right time when a stream went quiet, e.g. after an interrupt
+        cut the speech at a chunk boundary that is later than the audio received so far.
+        """
+        missing = int(round(seconds * self.sample_rate)) - self.end_sample
+        if missing > 0:
+            self.push(np.zeros(missing, dtype=np.float32))
+
+    def _start(self, chunk_index: int) -> int:
+        return (chunk_index - self.history_chunks) * self.chunk_samples
 
     def window_bounds(self, chunk_index: int) -> tuple[float, float]:
-        start = (chunk_index - self.history_chunks) * self.chunk_samples
+        """(start, end) seconds of chunk k's window: (k - history, k + 1) x chunk_seconds."""
+        start = self._start(chunk_index)
         return start / self.sample_rate, (start + self.window_samples) / self.sample_rate
 
     def window(self, chunk_index: int) -> np.ndarray:
-        """Samples of [k-2, k+1) s, zero-padded where nothing is (yet) known."""
-        start = (chunk_index - self.history_chunks) * self.chunk_samples
+        """Samples of [k-2, k+1) s (float32 copy), zero-padded where nothing is (yet) known.
+
+        Returns a numpy array because the runtime ships windows between processes as arrays;
+        `window_tensor` gives the same as a tensor.
+        """
+        buffer = self._flat()
+        start = self._start(chunk_index)
         end = start + self.window_samples
         out = np.zeros(self.window_samples, dtype=np.float32)
         lo = max(start, self._origin)
         hi = min(end, self.end_sample)
         if hi > lo:
-            out[lo - start:hi - start] = self._buffer[lo - self._origin:hi - self._origin]
+            out[lo - start:hi - start] = buffer[lo - self._origin:hi - self._origin]
         return out
+
+    def window_tensor(self, chunk_index: int) -> torch.Tensor:
+        """`window(chunk_index)` as a float32 tensor [samples]."""
+        return torch.from_numpy(self.window(chunk_index))
 
     def chunk_audio(self, chunk_index: int) -> np.ndarray:
         """The samples of chunk k alone (the 1 s that plays with its frames)."""
@@ -208,19 +377,87 @@ class StreamingAudioWindow:
 
     def drop_after(self, seconds: float) -> None:
         """Forgets queued audio after `seconds` (an interrupt drops the rest of the speech)."""
+        buffer = self._flat()
         cut = int(round(seconds * self.sample_rate)) - self._origin
-        if cut < self._buffer.size:
-            self._buffer = self._buffer[:max(cut, 0)]
+        if cut < buffer.size:
+            self._buffer = buffer[:max(cut, 0)].copy()
 
     def trim_before(self, chunk_index: int) -> None:
         """Forgets samples no window of chunk >= `chunk_index` needs."""
-        keep_from = (chunk_index - self.history_chunks) * self.chunk_samples
-        drop = keep_from - self._origin
+        buffer = self._flat()
+        drop = self._start(chunk_index) - self._origin
         if drop > 0:
-            drop = min(drop, self._buffer.size)
-            self._buffer = self._buffer[drop:]
+            drop = min(drop, buffer.size)
+            self._buffer = buffer[drop:].copy()  # a copy, so the dropped samples are freed
             self._origin += drop
 
     def rms(self, chunk_index: int) -> float:
+        """Loudness of chunk k's own second (used to tell speech from silence)."""
         x = self.chunk_audio(chunk_index)
         return float(math.sqrt(float(np.mean(x * x)))) if x.size else 0.0
+
+
+@dataclass(frozen=True)
+class ChunkAudioFeatures:
+    """Audio features of one chunk's window for both streams.
+
+    `speak` and `listen` are [B, window_frames, D]: the whole window (history + current chunk),
+    because the DiT's windowed audio attention lets a frame look a little into the past.
+    `current` is the range of the current chunk's frames inside the window.
+    """
+
+    speak: torch.Tensor
+    listen: torch.Tensor
+    current: range
+
+    @property
+    def speak_current(self) -> torch.Tensor:
+        return self.speak[:, self.current.start:self.current.stop]
+
+    @property
+    def listen_current(self) -> torch.Tensor:
+        return self.listen[:, self.current.start:self.current.stop]
+
+
+class AudioConditioner:
+    """Speak + listen windows of one chunk -> features of the whole window, in one batched call."""
+
+    def __init__(self, extractor: AudioFeatureExtractor, chunk_seconds: float = 1.0,
+                 history_chunks: int = 2):
+        self.extractor = extractor
+        self.chunk_seconds = chunk_seconds
+        self.history_chunks = history_chunks
+        rate, fps = extractor.sample_rate, extractor.fps
+        self.chunk_samples = int(round(rate * chunk_seconds))
+        self.window_samples = self.chunk_samples * (history_chunks + 1)
+        self.window_frames = frames_in(self.window_samples, rate, fps)
+        self.chunk_frames = frames_in(self.chunk_samples, rate, fps)
+
+    @classmethod
+    def for_chunks(cls, extractor: AudioFeatureExtractor, chunk: "ChunkConfig") -> "AudioConditioner":
+        return cls(extractor, chunk_seconds=chunk.chunk_seconds, history_chunks=chunk.audio_history_chunks)
+
+    @property
+    def current(self) -> range:
+        """Frame indices of the current chunk inside a window (the last `chunk_frames`)."""
+        return range(self.window_frames - self.chunk_frames, self.window_frames)
+
+    def __call__(self, speak_window: torch.Tensor | np.ndarray,
+                 listen_window: torch.Tensor | np.ndarray) -> ChunkAudioFeatures:
+        """Windows [samples] or [B, samples] of both streams -> `ChunkAudioFeatures`."""
+        speak, listen = _as_batch(speak_window).float(), _as_batch(listen_window).float()
+        for name, w in (("speak", speak), ("listen", listen)):
+            if w.shape[-1] != self.window_samples:
+                raise ValueError(f"{name} window must hold {self.window_samples} samples, got {w.shape[-1]}")
+        if speak.shape[0] != listen.shape[0]:
+            raise ValueError(f"speak and listen batches differ: {speak.shape[0]} vs {listen.shape[0]}")
+        feats = self.extractor.extract(torch.cat([speak, listen]))
+        if feats.shape[1] != self.window_frames:
+            raise ValueError(f"extractor gave {feats.shape[1]} frames, expected {self.window_frames}")
+        b = speak.shape[0]
+        return ChunkAudioFeatures(speak=feats[:b], listen=feats[b:], current=self.current)
+
+    def for_chunk(self, chunk_index: int, speak: StreamingAudioWindow,
+                  listen: StreamingAudioWindow) -> ChunkAudioFeatures:
+        """Features of chunk k read straight from the two streams' buffers."""
+        return self(speak.window_tensor(chunk_index), listen.window_tensor(chunk_index))

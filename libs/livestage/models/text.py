@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections import OrderedDict
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-_WORD = re.compile(r"[a-z0-9']+")
+# Letters and digits of any script (plus apostrophes), so "sonríe" or "улыбнись" are words too;
+# for ASCII text this is exactly [a-z0-9']+ after lower-casing, which keeps existing token ids.
+_WORD = re.compile(r"(?:[^\W_]|')+")
 
 
 class TextEncoder(Protocol):
+    """Directive texts to the DiT's text-condition tokens (Wan pads to `text_len` with zeros)."""
+
     text_dim: int
     max_tokens: int
 
@@ -30,19 +35,32 @@ class TextEncoder(Protocol):
 
 
 def stable_token_ids(text: str, vocab_size: int, max_tokens: int) -> list[int]:
-    """Lower-cased words hashed into [1, vocab_size) (0 is padding), at most `max_tokens`."""
+    """Lower-cased words hashed into [1, vocab_size) (0 is padding), at most `max_tokens`.
+
+    blake2b rather than Python's `hash`, which is salted per process: the same word must map to
+    the same embedding row in every worker and after every restart, or checkpoints mean nothing.
+    """
+    if vocab_size < 2:
+        raise ValueError("vocab_size must be at least 2 (id 0 is padding)")
     ids = []
-    for word in _WORD.findall(text.lower())[:max_tokens]:
+    # NFKC first: a decomposed "i" + combining accent and a precomposed "í" are the same word.
+    for word in _WORD.findall(unicodedata.normalize("NFKC", text).lower())[:max_tokens]:
         digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
         ids.append(1 + int.from_bytes(digest, "little") % (vocab_size - 1))
     return ids
 
 
 class HashedTextEncoder(nn.Module):
-    """Hashed word embeddings + positions + one transformer layer."""
+    """Hashed word embeddings + positions + one transformer layer.
+
+    Small enough to run anywhere; hash collisions are tolerated (directives are short and few).
+    Words beyond `max_tokens` are dropped. Output rows after the last word are exactly zero.
+    """
 
     def __init__(self, vocab_size: int, text_dim: int, max_tokens: int, num_heads: int = 4):
         super().__init__()
+        if max_tokens < 1 or text_dim < 1:
+            raise ValueError("max_tokens and text_dim must be positive")
         self.vocab_size = vocab_size
         self.text_dim = text_dim
         self.max_tokens = max_tokens
@@ -53,6 +71,8 @@ class HashedTextEncoder(nn.Module):
                                                 dropout=0.0, batch_first=True, norm_first=True)
 
     def token_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, max_tokens] (0 = padding) and the mask of real tokens."""
+        _check_texts(texts)
         ids = torch.zeros(len(texts), self.max_tokens, dtype=torch.long)
         for i, text in enumerate(texts):
             row = stable_token_ids(text, self.vocab_size, self.max_tokens)
@@ -60,6 +80,7 @@ class HashedTextEncoder(nn.Module):
         return ids, ids != 0
 
     def encode(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> [B, max_tokens, text_dim], zero after each text's last word."""
         ids, valid = self.token_ids(texts)
         ids = ids.to(self.embedding.weight.device)
         valid = valid.to(ids.device)
@@ -75,10 +96,24 @@ class HashedTextEncoder(nn.Module):
     forward = encode
 
 
+def _check_texts(texts: list[str]) -> None:
+    # A bare string is iterable too: without this, "smile" would encode as 5 one-letter texts.
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings")
+
+
 class CachedTextEncoder:
-    """Any `TextEncoder` with a bounded LRU cache keyed by the text."""
+    """Any `TextEncoder` with a bounded LRU cache keyed by the text.
+
+    Directives are re-sent with every chunk but change rarely, so nearly every call is a hit.
+    Cached rows are computed one text at a time so that a text's encoding never depends on what
+    else was in the batch. `hits` / `misses` count texts, for metrics. Call `clear()` after
+    changing the wrapped encoder's weights.
+    """
 
     def __init__(self, encoder: TextEncoder, max_entries: int = 256):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
         self.encoder = encoder
         self.max_entries = max_entries
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -93,8 +128,19 @@ class CachedTextEncoder:
     def max_tokens(self) -> int:
         return self.encoder.max_tokens
 
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        """Forgets every cached encoding (the counters are kept)."""
+        self._cache.clear()
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
+        """Like the wrapped encoder's `encode`; returns a fresh tensor (the cache stays intact)."""
+        _check_texts(texts)
+        if not texts:
+            return torch.zeros(0, self.max_tokens, self.text_dim)
         rows = []
         for text in texts:
             cached = self._cache.get(text)
@@ -110,7 +156,8 @@ class CachedTextEncoder:
             rows.append(cached)
         return torch.stack(rows)
 
-    def to(self, *args, **kwargs) -> "CachedTextEncoder":
+    def to(self, *args: object, **kwargs: object) -> "CachedTextEncoder":
+        """Moves the wrapped encoder; cached rows were on the old device/dtype, so they go."""
         self.encoder.to(*args, **kwargs)  # type: ignore[attr-defined]
         self._cache.clear()
         return self
