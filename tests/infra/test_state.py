@@ -1,68 +1,234 @@
-"""Redis state against a real redis-server: sessions, TTL, placement CAS, heartbeats, checkpoints."""
+"""Redis state against a real redis-server: session records, TTL, counters, placement CAS,
+worker heartbeats and placement, checkpoints, SessionNotFound."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import pytest
 
-from livestage.state import CheckpointStore, SessionNotFound, SessionStore, WorkerInfo, WorkerRegistry, connect_redis
+from livestage.state import (
+    CheckpointStore,
+    NoWorkerAvailable,
+    SessionNotFound,
+    SessionRecord,
+    SessionStore,
+    WorkerInfo,
+    WorkerRegistry,
+    connect_redis,
+)
 
 
-async def test_session_records_counters_placement_and_ttl(redis_server):
-    r = connect_redis(redis_server)
+@pytest.fixture
+async def r(redis_server):
+    client = connect_redis(redis_server)
+    yield client
+    await client.aclose()
+
+
+def _sid() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_session_crud_with_typed_records(r):
     store = SessionStore(r, ttl_s=60)
-    sid = uuid.uuid4().hex
-    await store.create(sid, {"state": "warmup", "preset": "tiny"})
-    assert (await store.get(sid))["state"] == "warmup"
-    assert 0 < await r.ttl(store.key(sid)) <= 60
-    assert await store.incr(sid, "chunks_generated") == 1
-    assert await store.incr(sid, "chunks_generated", 2) == 3
-    assert await store.set_placement(sid, "generator", "gen-a")
+    sid = _sid()
+    created = await store.create(SessionRecord(
+        id=sid, state="warmup", preset="tiny", livekit_room="room-1",
+        character={"persona": "pirate", "voice": "v1", "references": "3"},
+        extra={"seed": "7"}))
+    assert created.created_ms > 0
+    rec = await store.get(sid)
+    assert isinstance(rec, SessionRecord)
+    assert (rec.id, rec.state, rec.preset, rec.livekit_room) == (sid, "warmup", "tiny", "room-1")
+    assert rec.character == {"persona": "pirate", "voice": "v1", "references": "3"}
+    assert rec.extra == {"seed": "7"} and rec.chunks_generated == 0 and rec.placement == {}
+    assert rec["state"] == "warmup" and rec.get("seed") == "7"  # hash-style read access
+
+    await store.update(sid, state="idle", playback_seconds=2.5, weights="seeded:0")
+    rec = await store.get(sid)
+    assert rec.state == "idle" and rec.playback_seconds == 2.5 and rec.extra["weights"] == "seeded:0"
+    assert rec.updated_ms >= rec.created_ms
+
+    # the id+fields form used by the session service
+    other = _sid()
+    await store.create(other, {"state": "warmup", "preset": "demo", "persona": "x"})
+    assert (await store.get(other)).extra == {"persona": "x"}
+    listed = [s.id for s in await store.list()]
+    assert sid in listed and other in listed
+    assert listed.index(sid) < listed.index(other)  # oldest first
+
+    assert await store.delete(sid)
+    assert not await store.delete(sid)
+    with pytest.raises(SessionNotFound):
+        await store.get(sid)
+    assert sid not in [s.id for s in await store.list()]
+
+
+async def test_unknown_session_raises_session_not_found_and_creates_nothing(r):
+    store = SessionStore(r, ttl_s=60)
+    missing = "missing-" + _sid()
+    with pytest.raises(SessionNotFound, match="unknown session") as info:
+        await store.get(missing)
+    assert info.value.session_id == missing
+    for call in (store.update(missing, state="x"), store.incr(missing, "chunks_generated"),
+                 store.advance(missing, "chunks_played", 3),
+                 store.set_placement(missing, "generator", "g1"),
+                 store.load_references(missing), store.ttl(missing)):
+        with pytest.raises(SessionNotFound):
+            await call
+    # no ghost record without a TTL was left behind by HINCRBY/HSET on a missing key
+    assert not await r.exists(store.key(missing))
+
+
+async def test_ttl_is_set_refreshed_on_update_and_records_expire(r):
+    store = SessionStore(r, ttl_s=2)
+    sid = _sid()
+    await store.create(sid, {"state": "idle"})
+    await store.save_references(sid, b"refs")
+    assert 0 < await store.ttl(sid) <= 2
+    await asyncio.sleep(1.2)
+    await store.update(sid, state="listening")  # refreshes record and references
+    assert await store.ttl(sid) > 1.5
+    assert await r.pttl(store.refs_key(sid)) > 1500
+    await asyncio.sleep(1.2)
+    assert (await store.get(sid)).state == "listening"  # would have expired without the refresh
+    assert await store.load_references(sid) == b"refs"
+    await asyncio.sleep(2.2)
+    with pytest.raises(SessionNotFound):
+        await store.get(sid)
+    assert sid not in [s.id for s in await store.list()]
+
+
+async def test_counters_are_atomic_and_monotonic(r):
+    store = SessionStore(r, ttl_s=60)
+    sid = _sid()
+    await store.create(sid, {"state": "responding"})
+    results = await asyncio.gather(*(store.incr(sid, "chunks_generated") for _ in range(50)))
+    assert sorted(results) == list(range(1, 51))  # no lost updates
+    assert await store.incr(sid, "chunks_refined", 3) == 3
+    assert await store.advance(sid, "chunks_played", 5) == 5
+    assert await store.advance(sid, "chunks_played", 2) == 5  # late report does not go back
+    rec = await store.get(sid)
+    assert (rec.chunks_generated, rec.chunks_refined, rec.chunks_played) == (50, 3, 5)
+
+
+async def test_placement_compare_and_set(r):
+    store = SessionStore(r, ttl_s=60)
+    sid = _sid()
+    await store.create(sid, {"state": "warmup"})
+    assert await store.set_placement(sid, "generator", "gen-a", expected="")  # only if unplaced
+    assert not await store.set_placement(sid, "generator", "gen-b", expected="")
     assert not await store.set_placement(sid, "generator", "gen-b", expected="gen-x")
     assert await store.set_placement(sid, "generator", "gen-b", expected="gen-a")
-    assert (await store.placement(sid)) == {"generator": "gen-b"}
-    await store.update(sid, state="idle")
-    assert sid in [s["id"] for s in await store.list()]
-    with pytest.raises(SessionNotFound, match="unknown session"):
-        await store.get("nope")
-    with pytest.raises(SessionNotFound):
-        await store.update("nope", state="x")
-    short = SessionStore(r, ttl_s=1)
-    await short.create("short-" + sid, {"state": "idle"})
-    await asyncio.sleep(1.3)
-    with pytest.raises(SessionNotFound):
-        await short.get("short-" + sid)
-    await r.aclose()
+    assert await store.set_placement(sid, "refiner", "ref-a")  # unconditional
+    assert await store.placement(sid) == {"generator": "gen-b", "refiner": "ref-a"}
+    # two re-placements racing after a failure: exactly one wins
+    wins = await asyncio.gather(*(store.set_placement(sid, "generator", f"gen-{i}", expected="gen-b")
+                                  for i in range(10)))
+    assert sum(wins) == 1
+    reg = WorkerRegistry(r)
+    assert sid not in await reg.sessions_on("gen-a")  # moved away from the old worker
+    assert sid in await reg.sessions_on((await store.placement(sid))["generator"])
 
 
-async def test_workers_expire_and_placement_picks_the_freest(redis_server):
-    r = connect_redis(redis_server)
+async def test_worker_heartbeats_expire(r):
     reg = WorkerRegistry(r, ttl_s=0.6)
     stage = "gen-" + uuid.uuid4().hex[:6]
-    await reg.heartbeat(WorkerInfo("w1", stage, 4, 1))
-    await reg.heartbeat(WorkerInfo("w2", stage, 4, 3))
-    assert (await reg.choose(stage)).worker_id == "w2"
-    assert (await reg.choose(stage, exclude=("w2",))).worker_id == "w1"
+    await reg.heartbeat("w1", stage, 4, 1)
+    await reg.heartbeat(WorkerInfo("w2", stage, 4, 3, subject="ls.x.w2"))
+    assert [w.worker_id for w in await reg.live_workers(stage)] == ["w2", "w1"]  # freest first
+    assert (await reg.get("w2")).subject == "ls.x.w2"
     await asyncio.sleep(0.8)
-    await reg.heartbeat(WorkerInfo("w1", stage, 4, 1))
+    await reg.heartbeat("w1", stage, 4, 1)  # w1 keeps beating, w2 went silent
     assert [w.worker_id for w in await reg.live_workers(stage)] == ["w1"]
-    assert not await reg.is_alive("w2")
-    await reg.heartbeat(WorkerInfo("w1", stage, 4, 0))
-    assert await reg.choose(stage) is None  # no free slot anywhere
-    await r.aclose()
+    assert not await reg.is_alive("w2") and await reg.is_alive("w1")
+    assert await reg.get("w2") is None
 
 
-async def test_checkpoints_keep_only_sinks_and_window(redis_server):
-    r = connect_redis(redis_server)
+async def test_place_picks_the_freest_live_worker_and_takes_a_slot(r):
+    store = SessionStore(r, ttl_s=60)
+    reg = WorkerRegistry(r, ttl_s=5)
+    stage = "gen-" + uuid.uuid4().hex[:6]
+    await reg.heartbeat("busy", stage, 4, 1)
+    await reg.heartbeat("idle", stage, 4, 2)
+    await reg.heartbeat("dead", stage, 4, 4)
+    await r.delete(reg.key("dead"))  # its heartbeat expired
+    sids = [_sid() for _ in range(4)]
+    for sid in sids:
+        await store.create(sid, {"state": "warmup"})
+    placed = [await reg.place(sid, stage) for sid in sids[:3]]
+    # idle(2) -> idle(1) ... ties go to either; never the dead one; 3 slots existed in total
+    assert sorted(placed) == ["busy", "idle", "idle"]
+    assert placed[0] == "idle"
+    assert (await store.placement(sids[0]))[stage] == "idle"
+    assert sorted(await reg.sessions_on("idle")) == sorted(s for s, w in zip(sids, placed) if w == "idle")
+    with pytest.raises(NoWorkerAvailable):
+        await reg.place(sids[3], stage)
+    with pytest.raises(SessionNotFound):
+        await reg.place("missing-" + _sid(), stage)
+    await reg.heartbeat("spare", stage, 4, 4)
+    with pytest.raises(NoWorkerAvailable):
+        await reg.place(sids[3], stage, exclude=("spare",))
+    assert await reg.place(sids[3], stage) == "spare"
+
+
+async def test_concurrent_placements_never_overfill_a_worker(r):
+    store = SessionStore(r, ttl_s=60)
+    reg = WorkerRegistry(r, ttl_s=5)
+    stage = "ref-" + uuid.uuid4().hex[:6]
+    await reg.heartbeat("only", stage, 3, 3)
+    sids = [_sid() for _ in range(8)]
+    for sid in sids:
+        await store.create(sid, {})
+    results = await asyncio.gather(*(reg.place(sid, stage) for sid in sids), return_exceptions=True)
+    assert sum(1 for x in results if x == "only") == 3
+    assert sum(1 for x in results if isinstance(x, NoWorkerAvailable)) == 5
+
+
+async def test_mark_dead_returns_its_sessions_for_replacement(r):
+    store = SessionStore(r, ttl_s=60)
+    reg = WorkerRegistry(r, ttl_s=30)
+    stage = "dec-" + uuid.uuid4().hex[:6]
+    await reg.heartbeat("d1", stage, 4, 4)
+    await reg.heartbeat("d2", stage, 4, 2)
+    a, b = _sid(), _sid()
+    for sid in (a, b):
+        await store.create(sid, {})
+        assert await reg.place(sid, stage) in ("d1", "d2")
+    on_d1 = await reg.sessions_on("d1")
+    assert sorted(await reg.mark_dead("d1")) == sorted(on_d1) and on_d1
+    assert not await reg.is_alive("d1")
+    assert [w.worker_id for w in await reg.live_workers(stage)] == ["d2"]
+    for sid in on_d1:  # re-place on a survivor
+        assert await reg.place(sid, stage) == "d2"
+    await reg.deregister("d2", stage)
+    assert await reg.live_workers(stage) == []
+    await reg.heartbeat("d3", stage, 4, 4)
+    await r.delete(reg.key("d3"))  # heartbeat already expired: its stage is found by scanning
+    assert await reg.mark_dead("d3") == []
+    assert await r.zscore(reg.stage_key(stage), "d3") is None
+
+
+async def test_checkpoints_keep_only_sinks_and_window_and_expire(r):
     ck = CheckpointStore(r, ttl_s=60)
-    sid = uuid.uuid4().hex
+    sid = _sid()
     for k in range(8):
-        keep = [0, 1, 2, k - 1, k]
-        await ck.save(sid, "generator", k, json.dumps({"k": k}).encode(), keep)
+        held = await ck.save(sid, "generator", k, f"latents-{k}".encode() + bytes(range(256)),
+                             keep=[0, 1, 2, k - 1, k])
+        assert held <= 5
     stored = await ck.load(sid, "generator")
     assert sorted(stored) == [0, 1, 2, 6, 7]
-    assert json.loads(stored[7]) == {"k": 7}
-    await r.aclose()
+    assert stored[7] == b"latents-7" + bytes(range(256))  # binary-safe
+    assert 0 < await r.pttl(ck.key(sid, "generator")) <= 60_000
+    await ck.save(sid, "refiner", 0, b"r0")
+    await ck.save(sid, "refiner", 1, b"r1")  # keep=None: keep everything
+    assert sorted(await ck.load(sid, "refiner")) == [0, 1]
+    await ck.delete(sid)
+    assert await ck.load(sid, "generator") == {} and await ck.load(sid, "refiner") == {}
+
+    short = CheckpointStore(r, ttl_s=1)
+    await short.save(sid, "decoder", 0, b"x", keep=[0])
+    await asyncio.sleep(1.3)
+    assert await short.load(sid, "decoder") == {}

@@ -1,80 +1,274 @@
-"""NATS transport against a real nats-server: codec, split payloads, request/reply, trace context."""
+"""NATS transport against a real nats-server: codec, subjects, split payloads (push and pull),
+request/reply, trace context across a hop, failure modes."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import ml_dtypes
 import numpy as np
 import pytest
-
+import torch
 from livestage.devstack import start_nats
-from livestage.observability.tracing import configure_tracing, extract_context, tracer
-from livestage.transport import NatsBus, StageMessage, Subjects, decode_message, encode_message
+
+from livestage.observability import extract_context, tracer, use_memory_exporter
+from livestage.transport import (
+    NatsBus,
+    NoRespondersError,
+    StageMessage,
+    Subjects,
+    decode_message,
+    decode_tensors,
+    encode_message,
+    encode_tensors,
+    safe_token,
+)
+
+
+@pytest.fixture(scope="module")
+def small_nats(tmp_path_factory):
+    """A server whose max_payload (64 KB) forces splitting of anything realistic."""
+    server = start_nats(tmp_path_factory.mktemp("nats-small"), max_payload="64KB")
+    yield server.url
+    server.stop()
+
+
+# -- codec ---------------------------------------------------------------------------------
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "f32": rng.standard_normal((3, 4)).astype(np.float32),
+        "f16": rng.standard_normal((2, 3, 4)).astype(np.float16),
+        "f64": rng.standard_normal(5),
+        "empty": np.zeros((0, 5), np.int64),
+        "scalar": np.array(7, dtype=np.uint8),
+        "bool": rng.random((4, 4)) > 0.5,
+        "i16": np.arange(-6, 6, dtype=np.int16).reshape(2, 6),
+        "u16": np.arange(10, dtype=np.uint16),
+        "u64": np.array([2**63 + 5], dtype=np.uint64),
+        "strided": np.arange(24, dtype=np.int32).reshape(4, 6)[:, ::2],  # not contiguous
+        "bigendian": np.arange(4, dtype=">f4"),
+        "bf16": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16),
+    }
 
 
 def test_codec_roundtrip_of_several_dtypes_and_shapes():
-    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.zeros((0, 5), np.int64),
-               "c": np.array(7, dtype=np.uint8), "d": np.random.rand(2, 3, 4).astype(np.float16)}
-    msg = StageMessage("chunk", "s1", 5, 2, {"k": "v"}, tensors)
-    out = decode_message(encode_message(msg))
+    tensors = _tensors()
+    out = decode_message(encode_message(StageMessage("chunk", "s1", 5, 2, {"k": "v"}, tensors)))
     assert (out.kind, out.session_id, out.chunk_index, out.epoch, out.meta) == ("chunk", "s1", 5, 2, {"k": "v"})
+    assert list(out.tensors) == list(tensors)
     for k, v in tensors.items():
-        assert out.tensors[k].dtype == v.dtype and out.tensors[k].shape == v.shape
-        np.testing.assert_array_equal(out.tensors[k], v)
+        got = out.tensors[k]
+        assert got.shape == v.shape, k
+        expected_dtype = np.dtype(np.float32) if k == "bigendian" else v.dtype  # wire is little-endian
+        assert got.dtype == expected_dtype, k
+        np.testing.assert_array_equal(got, v, err_msg=k)
+
+
+def test_codec_torch_tensors_including_bfloat16():
+    src = {"bf16": torch.randn(3, 5, dtype=torch.bfloat16), "i64": torch.arange(6).reshape(2, 3),
+           "f32": torch.randn(4, requires_grad=True)}
+    data = encode_message(StageMessage("x", tensors=src))
+    as_torch = decode_message(data, as_torch=True).tensors
+    for k, v in src.items():
+        assert as_torch[k].dtype == v.dtype and torch.equal(as_torch[k], v.detach()), k
+    as_numpy = decode_message(data).tensors
+    assert as_numpy["bf16"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(as_numpy["bf16"].astype(np.float32), src["bf16"].float().numpy())
+
+
+def test_encode_tensors_puts_routing_facts_in_headers():
+    headers, payload = encode_tensors({"x": np.ones((2, 2), np.float32)}, {"stage": "generator"},
+                                      kind="latents", session_id="s9", chunk_index=4, epoch=1)
+    assert headers["ls-kind"] == "latents" and headers["ls-session"] == "s9"
+    assert headers["ls-chunk"] == "4" and headers["ls-epoch"] == "1"
+    msg = decode_tensors(headers, payload)
+    assert msg.meta == {"stage": "generator"} and msg.chunk_index == 4
+    np.testing.assert_array_equal(msg.tensors["x"], np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="codec"):
+        decode_tensors({**headers, "ls-codec": "99"}, payload)
+
+
+def test_codec_rejects_bad_input_with_value_errors():
+    data = encode_message(StageMessage("chunk", tensors={"a": np.arange(100, dtype=np.float32)}))
     with pytest.raises(ValueError, match="truncated"):
-        decode_message(encode_message(msg)[:-3])
+        decode_message(data[:-3])
+    with pytest.raises(ValueError, match="too short"):
+        decode_message(b"\x00")
+    with pytest.raises(ValueError):
+        decode_message(b"\x00\x00\x00\x05garbage-garbage")
     with pytest.raises(ValueError, match="unsupported dtype"):
         encode_message(StageMessage("x", tensors={"o": np.array(["s"], dtype=object)}))
+    # trailing bytes (Triton pads batched replies) are ignored
+    assert decode_message(data + b"\0" * 16).tensors["a"].shape == (100,)
 
 
-def test_subjects_are_sanitised():
-    assert Subjects.worker("generator", "gen.1*>") == "ls.generator.gen_1__"
-    assert Subjects.session_frames("a b") == "ls.session.a_b.frames"
+# -- subjects ------------------------------------------------------------------------------
+
+def test_subject_scheme():
+    assert Subjects.stage_work("encoder") == "ls.encoder.work"
+    assert Subjects.queue_group("encoder") == "encoder"
+    assert Subjects.worker("generator", "gen-1") == "ls.generator.gen-1"
+    assert Subjects.worker_session("generator", "gen-1", "abc") == "ls.generator.gen-1.session.abc"
+    assert Subjects.worker_sessions("generator", "gen-1") == "ls.generator.gen-1.session.*"
+    assert Subjects.session_events("abc") == "ls.session.abc.events"
+    assert Subjects.session_frames("abc") == "ls.session.abc.frames"
+    assert Subjects.control("abc") == "ls.control.abc"
+    assert Subjects.is_queue_subject("ls.encoder.work")
+    assert not Subjects.is_queue_subject("ls.generator.gen-1")
+
+
+def test_subjects_are_sanitised_without_collisions():
+    unsafe = Subjects.worker("generator", "gen.1*>")
+    assert unsafe.startswith("ls.generator.gen_1__-") and unsafe.count(".") == 2
+    assert safe_token("a.b") != safe_token("a_b") != safe_token("a*b")
+    assert safe_token("a.b") == safe_token("a.b")  # deterministic
+    assert " " not in Subjects.session_frames("a b")
+    assert len(safe_token("x" * 500)) <= 96
     with pytest.raises(ValueError):
         Subjects.worker("generator", "")
+    with pytest.raises(ValueError, match="reserved"):
+        Subjects.worker("generator", "work")  # would alias ls.generator.work
+    with pytest.raises(ValueError, match="reserved"):
+        Subjects.stage_work("session")
 
 
-async def test_large_tensor_crosses_a_server_with_small_max_payload(tmp_path):
-    server = start_nats(tmp_path, max_payload="64KB")
-    try:
-        bus = await NatsBus.connect(server.url)
-        assert bus.max_payload == 64 * 1024
-        got: asyncio.Future = asyncio.get_running_loop().create_future()
+# -- over a real server --------------------------------------------------------------------
 
+async def test_large_tensor_crosses_a_server_with_small_max_payload(small_nats):
+    bus = await NatsBus.connect(small_nats)
+    assert bus.max_payload == 64 * 1024
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def handler(msg, headers, reply):
+        await got.put((msg, headers))
+
+    await bus.subscribe("ls.test.big", handler)
+    big = np.random.default_rng(1).random((256, 1024), dtype=np.float32)  # 1 MiB
+    small = np.arange(10, dtype=np.int32)
+    await bus.publish_tensors("ls.test.big", {"x": big, "y": small}, {"note": "n"}, kind="chunk",
+                              session_id="s", chunk_index=1)
+    await bus.publish_tensors("ls.test.big", {"y": small}, kind="tiny")  # unsplit, after it
+    msg, headers = await asyncio.wait_for(got.get(), 10)
+    np.testing.assert_array_equal(msg.tensors["x"], big)
+    np.testing.assert_array_equal(msg.tensors["y"], small)
+    assert (msg.kind, msg.session_id, msg.chunk_index, msg.meta) == ("chunk", "s", 1, {"note": "n"})
+    assert headers["ls-kind"] == "chunk" and "ls-part" not in headers
+    assert (await asyncio.wait_for(got.get(), 10))[0].kind == "tiny"  # order kept
+    await bus.close()
+
+
+async def test_split_messages_to_a_queue_group_reach_exactly_one_member_intact(small_nats):
+    """Pushed parts would scatter across queue members; queue subjects are pulled instead."""
+    sender = await NatsBus.connect(small_nats)
+    members = [await NatsBus.connect(small_nats) for _ in range(2)]
+    received: list[tuple[int, int, bool]] = []
+    done = asyncio.Event()
+    n = 6
+
+    def make_handler(member: int):
         async def handler(msg, headers, reply):
-            got.set_result(msg)
+            expected = np.full((300, 1000), msg.chunk_index, np.float32)  # 1.2 MB each
+            received.append((member, msg.chunk_index, bool(np.array_equal(msg.tensors["x"], expected))))
+            if len(received) == n:
+                done.set()
+        return handler
 
-        await bus.subscribe("ls.test.big", handler)
-        big = np.random.rand(256, 1024).astype(np.float32)  # 1 MiB
-        await bus.publish("ls.test.big", StageMessage("chunk", "s", 1, tensors={"x": big}))
-        msg = await asyncio.wait_for(got, 10)
-        np.testing.assert_array_equal(msg.tensors["x"], big)
-        await bus.close()
-    finally:
-        server.stop()
+    subject = Subjects.stage_work("qtest")
+    for i, m in enumerate(members):
+        await m.subscribe(subject, make_handler(i), queue=Subjects.queue_group("qtest"))
+        await m.flush()
+    for k in range(n):
+        await sender.publish_tensors(subject, {"x": np.full((300, 1000), k, np.float32)},
+                                     kind="chunk", chunk_index=k)
+    await asyncio.wait_for(done.wait(), 30)
+    await asyncio.sleep(0.3)  # nothing extra may trickle in
+    assert sorted(k for _, k, _ in received) == list(range(n))  # each exactly once
+    assert all(ok for _, _, ok in received)
+    await sender.close()
+    for m in members:
+        await m.close()
 
 
-async def test_request_reply_and_trace_context_cross_a_nats_hop(nats_server):
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+async def test_request_reply_with_split_request_and_reply(small_nats):
+    server_bus = await NatsBus.connect(small_nats)
+    client_bus = await NatsBus.connect(small_nats)
 
-    exporter = InMemorySpanExporter()
-    configure_tracing("test", exporter=exporter)
+    async def double(msg, headers, reply):
+        await server_bus.respond(reply, StageMessage("doubled", msg.session_id, msg.chunk_index,
+                                                     tensors={"y": msg.tensors["x"] * 2}))
+
+    await server_bus.subscribe(Subjects.stage_work("echo"), double, queue="echo")
+    await server_bus.flush()
+    x = np.random.default_rng(2).random(300_000).astype(np.float32)  # 1.2 MB both ways
+    reply = await client_bus.request_tensors(Subjects.stage_work("echo"), {"x": x}, kind="req",
+                                             session_id="s", chunk_index=3, timeout=10)
+    assert reply.kind == "doubled" and reply.chunk_index == 3
+    np.testing.assert_array_equal(reply.tensors["y"], x * 2)
+    torch_reply = await client_bus.request_tensors(Subjects.stage_work("echo"),
+                                                   {"x": torch.ones(3)}, as_torch=True)
+    assert isinstance(torch_reply.tensors["y"], torch.Tensor) and torch_reply.tensors["y"].sum() == 6
+    await server_bus.close()
+    await client_bus.close()
+
+
+async def test_trace_context_crosses_a_nats_hop(nats_server):
+    exporter = use_memory_exporter()
     bus = await NatsBus.connect(nats_server)
-    seen_trace: list[int] = []
+    seen: list[tuple[int, int]] = []
 
     async def echo(msg, headers, reply):
-        ctx = extract_context(headers)
-        with tracer().start_as_current_span("server", context=ctx) as span:
-            seen_trace.append(span.get_span_context().trace_id)
+        with tracer().start_as_current_span("server", context=extract_context(headers)) as span:
+            ctx = span.get_span_context()
+            seen.append((ctx.trace_id, span.parent.span_id if span.parent else 0))
         await bus.respond(reply, StageMessage("reply", msg.session_id, msg.chunk_index,
                                               tensors={"y": msg.tensors["x"] * 2}))
 
     await bus.subscribe("ls.test.echo", echo, queue="echo")
     with tracer().start_as_current_span("client") as span:
-        client_trace = span.get_span_context().trace_id
+        client = span.get_span_context()
         reply = await bus.request("ls.test.echo", StageMessage("req", "s", 3, tensors={"x": np.ones(4, np.float32)}))
     np.testing.assert_array_equal(reply.tensors["y"], np.full(4, 2, np.float32))
-    assert seen_trace == [client_trace]
+    assert seen == [(client.trace_id, client.span_id)]  # same trace, server span is a child
+    names = {s.name: s for s in exporter.get_finished_spans()}
+    assert names["server"].context.trace_id == names["client"].context.trace_id
+    await bus.close()
+
+
+async def test_no_responders_fail_fast_and_silence_times_out(nats_server):
+    bus = await NatsBus.connect(nats_server)
+    t0 = time.monotonic()
+    with pytest.raises(NoRespondersError):
+        await bus.request("ls.test.nobody", StageMessage("req"), timeout=5)
+    assert time.monotonic() - t0 < 2  # not the 5 s timeout
+
+    async def silent(msg, headers, reply):
+        pass
+
+    await bus.subscribe("ls.test.silent", silent)
     with pytest.raises(asyncio.TimeoutError):
-        await bus.request("ls.test.nobody", StageMessage("req"), timeout=0.3)
+        await bus.request("ls.test.silent", StageMessage("req"), timeout=0.3)
+    await bus.close()
+
+
+async def test_a_failing_handler_does_not_kill_the_subscription(nats_server):
+    bus = await NatsBus.connect(nats_server)
+    seen: list[int] = []
+    third = asyncio.Event()
+
+    async def flaky(msg, headers, reply):
+        seen.append(msg.chunk_index)
+        if msg.chunk_index == 1:
+            raise RuntimeError("boom")
+        if msg.chunk_index == 2:
+            third.set()
+
+    await bus.subscribe("ls.test.flaky", flaky)
+    await bus.nc.publish("ls.test.flaky", b"not a stage message")  # dropped, counted
+    for k in range(3):
+        await bus.publish("ls.test.flaky", StageMessage("c", chunk_index=k))
+    await asyncio.wait_for(third.wait(), 5)
+    assert seen == [0, 1, 2]
     await bus.close()

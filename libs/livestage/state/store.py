@@ -1,23 +1,37 @@
-"""Redis-backed state: sessions (with TTL), sticky placement, worker liveness, checkpoints.
+"""Redis-backed state: session records (with TTL), sticky placement, worker liveness, checkpoints.
 
 Keys (all under `ls:`):
-- `ls:session:<id>` hash: the session record; `ls:sessions` set of ids.
-- `ls:session:<id>:refs` bytes: the encoded reference latents (any worker can prefill from them).
-- `ls:worker:<id>` JSON with TTL: a live worker's heartbeat (stage, capacity, free slots);
-  `ls:workers:<stage>` sorted set of worker ids by free slots.
-- `ls:ckpt:<id>:<stage>` hash chunk_index -> encoded history entry (sinks + window only).
+- `ls:session:<id>` hash: the session record (`SessionRecord.to_hash`); `ls:sessions` set of ids.
+- `ls:session:<id>:refs` bytes: encoded reference latents (any worker can prefill from them).
+- `ls:worker:<id>` JSON with TTL: a live worker's last heartbeat; `ls:workers:<stage>` sorted set
+  of worker ids scored by free slots; `ls:worker:<id>:sessions` set of sessions placed on it.
+- `ls:ckpt:<id>:<stage>` hash chunk_index -> encoded history entry (sinks + window only);
+  `ls:ckpt:<id>` set of the stages that have one.
+
+Every multi-step change is a Lua script, so it is atomic: a concurrent expiry can never
+resurrect half a session (HSET/HINCRBY on an expired key would create a record with no TTL that
+lives forever), and two session services placing at once cannot both take a worker's last slot.
+The scripts touch keys they derive from their arguments, which is fine on the single Redis (or
+primary/replica pair) we run; a Redis Cluster would need hash tags.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import redis.asyncio as aioredis
 
+__all__ = ["COUNTERS", "CheckpointStore", "NoWorkerAvailable", "SessionNotFound", "SessionRecord",
+           "SessionStore", "WorkerInfo", "WorkerRegistry", "connect_redis"]
+
 
 class SessionNotFound(KeyError):
+    """No record for this session id (never created, ended and deleted, or expired)."""
+
     def __init__(self, session_id: str):
         super().__init__(session_id)
         self.session_id = session_id
@@ -26,104 +40,382 @@ class SessionNotFound(KeyError):
         return f"unknown session {self.session_id!r}"
 
 
+class NoWorkerAvailable(LookupError):
+    """No live worker of a stage has a free slot."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+    def __str__(self) -> str:
+        return f"no live {self.stage} worker with a free slot"
+
+
 def connect_redis(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, decode_responses=False)
+    """A client returning bytes (checkpoints are binary), with a periodic connection check so a
+    Redis restart costs one failed command rather than a hung one."""
+    return aioredis.from_url(url, decode_responses=False, health_check_interval=30)
 
 
 def _s(v: bytes | str | None) -> str:
     return v.decode() if isinstance(v, bytes) else (v or "")
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _int(v: str | None, default: int = 0) -> int:
+    try:
+        return int(float(v)) if v else default
+    except ValueError:
+        return default
+
+
+def _float(v: str | None, default: float = 0.0) -> float:
+    try:
+        return float(v) if v else default
+    except ValueError:
+        return default
+
+
+COUNTERS = ("chunks_generated", "chunks_refined", "chunks_decoded", "chunks_published",
+            "chunks_played")
+_PLACEMENT = "placement:"
+
+
+@dataclass
+class SessionRecord(Mapping[str, str]):
+    """A session as stored in Redis.
+
+    Typed fields for what the system reads; `extra` keeps any other field a service stores
+    (persona, voice, seed, weights, sink digest, ...). Read-only mapping access (`rec["state"]`,
+    `rec.get("placement:generator")`) sees the stored hash form, for code that treats the record
+    as the raw hash.
+    """
+
+    id: str
+    state: str = "warmup"
+    preset: str = ""
+    livekit_room: str = ""
+    character: dict[str, str] = field(default_factory=dict)
+    """Summary of the character (e.g. persona, voice, reference counts), never the images."""
+    placement: dict[str, str] = field(default_factory=dict)
+    """Stateful stage -> worker id."""
+    chunks_generated: int = 0
+    chunks_refined: int = 0
+    chunks_decoded: int = 0
+    chunks_published: int = 0
+    chunks_played: int = 0
+    playback_seconds: float = 0.0
+    """Playback position: seconds of video the viewer has been shown."""
+    created_ms: int = 0
+    updated_ms: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    _SCALARS = ("id", "state", "preset", "livekit_room", *COUNTERS, "playback_seconds",
+                "created_ms", "updated_ms")
+
+    def to_hash(self) -> dict[str, str]:
+        """The Redis hash form (every value a string)."""
+        out = {k: str(v) for k, v in self.extra.items()}
+        for name in self._SCALARS:
+            out[name] = str(getattr(self, name))
+        if self.character:
+            out["character"] = json.dumps(self.character, sort_keys=True)
+        for stage, worker in self.placement.items():
+            out[_PLACEMENT + stage] = worker
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> "SessionRecord":
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        try:
+            character = json.loads(h.pop("character", "") or "{}")
+        except ValueError:
+            character = {}
+        rec = cls(
+            id=h.pop("id", ""), state=h.pop("state", "warmup"), preset=h.pop("preset", ""),
+            livekit_room=h.pop("livekit_room", ""),
+            character={str(k): str(v) for k, v in character.items()} if isinstance(character, dict) else {},
+            placement={k[len(_PLACEMENT):]: h.pop(k) for k in list(h) if k.startswith(_PLACEMENT)},
+            playback_seconds=_float(h.pop("playback_seconds", "")),
+            created_ms=_int(h.pop("created_ms", "")), updated_ms=_int(h.pop("updated_ms", "")),
+        )
+        for name in COUNTERS:
+            setattr(rec, name, _int(h.pop(name, "")))
+        rec.extra = h
+        return rec
+
+    # read-only Mapping over the hash form
+    def __getitem__(self, key: str) -> str:
+        return self.to_hash()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_hash())
+
+    def __len__(self) -> int:
+        return len(self.to_hash())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+
+def _to_fields(values: Mapping[str, object]) -> dict[str, str]:
+    """Keyword fields -> hash fields (dicts: placement expands, others become JSON)."""
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        if k == "placement" and isinstance(v, Mapping):
+            out.update({_PLACEMENT + str(s): str(w) for s, w in v.items()})
+        elif isinstance(v, Mapping):
+            out[k] = json.dumps(dict(v), sort_keys=True)
+        else:
+            out[k] = str(v)
+    return out
+
+
+# KEYS[1] session hash, KEYS[2] refs key. ARGV[1] ttl ms, ARGV[2..] field/value pairs.
+# Returns 0 if the session does not exist.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS[1] session hash, KEYS[2] refs key. ARGV: ttl ms, now ms, field, amount, mode.
+# mode "incr": HINCRBY; mode "max": raise to amount if larger. Returns {exists, new value}.
+_COUNTER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local v
+if ARGV[5] == 'max' then
+  v = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0') or 0
+  if tonumber(ARGV[4]) > v then
+    v = tonumber(ARGV[4]); redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+  end
+else
+  v = redis.call('HINCRBY', KEYS[1], ARGV[3], ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return {1, v}
+"""
+
+# KEYS[1] session hash. ARGV: stage, new worker, mode ('cas' or 'set'), expected ('' = must be
+# unplaced), ttl ms, now ms, session id. Returns {status, current}: 1 set, 0 CAS mismatch,
+# -1 no session.
+_SET_PLACEMENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+local f = 'placement:' .. ARGV[1]
+local cur = redis.call('HGET', KEYS[1], f) or ''
+if ARGV[3] == 'cas' and cur ~= ARGV[4] then return {0, cur} end
+redis.call('HSET', KEYS[1], f, ARGV[2], 'updated_ms', ARGV[6])
+if cur ~= '' and cur ~= ARGV[2] then redis.call('SREM', 'ls:worker:' .. cur .. ':sessions', ARGV[7]) end
+local ws = 'ls:worker:' .. ARGV[2] .. ':sessions'
+redis.call('SADD', ws, ARGV[7])
+redis.call('PEXPIRE', ws, ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {1, ARGV[2]}
+"""
+
+# KEYS[1] workers zset of the stage, KEYS[2] session hash. ARGV: stage, ttl ms, now ms,
+# session id, excluded ids... Picks the live worker with the most free slots, takes one slot,
+# records the placement. Returns the worker id, '' if none has a slot, or -1 if no session.
+_PLACE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+local excluded = {}
+for i = 5, #ARGV do excluded[ARGV[i]] = true end
+local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #ids, 2 do
+  local wid, free = ids[i], tonumber(ids[i + 1])
+  if redis.call('EXISTS', 'ls:worker:' .. wid) == 0 then
+    redis.call('ZREM', KEYS[1], wid)
+  elseif free > 0 and not excluded[wid] then
+    redis.call('ZINCRBY', KEYS[1], -1, wid)
+    local f = 'placement:' .. ARGV[1]
+    local cur = redis.call('HGET', KEYS[2], f) or ''
+    if cur ~= '' and cur ~= wid then redis.call('SREM', 'ls:worker:' .. cur .. ':sessions', ARGV[4]) end
+    redis.call('HSET', KEYS[2], f, wid, 'updated_ms', ARGV[3])
+    local ws = 'ls:worker:' .. wid .. ':sessions'
+    redis.call('SADD', ws, ARGV[4])
+    redis.call('PEXPIRE', ws, ARGV[2])
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+    return wid
+  end
+end
+return ''
+"""
+
+# KEYS[1] ckpt hash, KEYS[2] ckpt stage index set. ARGV: ttl ms, chunk, data, stage, keep...
+# ('*' as the only keep entry keeps everything).
+_CKPT_SAVE = """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if ARGV[5] ~= '*' then
+  local keep = {}
+  keep[ARGV[2]] = true
+  for i = 5, #ARGV do keep[ARGV[i]] = true end
+  for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if not keep[k] then redis.call('HDEL', KEYS[1], k) end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return redis.call('HLEN', KEYS[1])
+"""
+
+
 class SessionStore:
+    """Session records with a TTL refreshed on every write (a live session never expires; an
+    abandoned one disappears by itself)."""
+
     def __init__(self, r: aioredis.Redis, ttl_s: int = 3600):
         self.r = r
         self.ttl_s = ttl_s
+        self._update = r.register_script(_UPDATE)
+        self._counter = r.register_script(_COUNTER)
+        self._set_placement = r.register_script(_SET_PLACEMENT)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.ttl_s * 1000)
 
     @staticmethod
     def key(session_id: str) -> str:
         return f"ls:session:{session_id}"
 
-    async def create(self, session_id: str, fields: dict[str, object]) -> None:
-        now = int(time.time() * 1000)
-        data = {k: str(v) for k, v in fields.items()}
-        data.setdefault("created_ms", str(now))
-        data["updated_ms"] = str(now)
-        data["id"] = session_id
+    @classmethod
+    def refs_key(cls, session_id: str) -> str:
+        return f"{cls.key(session_id)}:refs"
+
+    async def create(self, session: str | SessionRecord,
+                     fields: Mapping[str, object] | None = None) -> SessionRecord:
+        """Stores a new record (a SessionRecord, or an id plus fields) and returns it as stored.
+
+        Replaces any record with the same id: ids are fresh uuids, so a clash is a re-create.
+        """
+        rec = session if isinstance(session, SessionRecord) else SessionRecord.from_hash(
+            {**_to_fields(fields or {}), "id": session})
+        now = _now_ms()
+        rec.created_ms = rec.created_ms or now
+        rec.updated_ms = now
+        if not rec.id:
+            raise ValueError("a session record needs an id")
         async with self.r.pipeline(transaction=True) as p:
-            p.hset(self.key(session_id), mapping=data)
-            p.expire(self.key(session_id), self.ttl_s)
-            p.sadd("ls:sessions", session_id)
+            p.delete(self.key(rec.id))
+            p.hset(self.key(rec.id), mapping=rec.to_hash())
+            p.pexpire(self.key(rec.id), self._ttl_ms)
+            p.sadd("ls:sessions", rec.id)
             await p.execute()
+        return rec
 
     async def exists(self, session_id: str) -> bool:
         return bool(await self.r.exists(self.key(session_id)))
 
-    async def get(self, session_id: str) -> dict[str, str]:
+    async def get(self, session_id: str) -> SessionRecord:
         raw = await self.r.hgetall(self.key(session_id))
         if not raw:
             raise SessionNotFound(session_id)
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return SessionRecord.from_hash(raw)
+
+    async def ttl(self, session_id: str) -> float:
+        """Seconds until the record expires (SessionNotFound if it does not exist)."""
+        ms = await self.r.pttl(self.key(session_id))
+        if ms == -2:
+            raise SessionNotFound(session_id)
+        return ms / 1000 if ms >= 0 else float("inf")
 
     async def update(self, session_id: str, **fields: object) -> None:
-        if not await self.exists(session_id):
+        """Sets fields atomically and refreshes the TTL (of the record and its references).
+
+        `placement={stage: worker}` sets placements unconditionally; use `set_placement` for CAS.
+        """
+        data = _to_fields(fields)
+        data["updated_ms"] = str(_now_ms())
+        flat = [x for kv in data.items() for x in kv]
+        ok = await self._update(keys=[self.key(session_id), self.refs_key(session_id)],
+                                args=[self._ttl_ms, *flat])
+        if not ok:
             raise SessionNotFound(session_id)
-        data = {k: str(v) for k, v in fields.items()}
-        data["updated_ms"] = str(int(time.time() * 1000))
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(self.key(session_id), mapping=data)
-            p.expire(self.key(session_id), self.ttl_s)
-            await p.execute()
 
     async def incr(self, session_id: str, field: str, amount: int = 1) -> int:
-        return int(await self.r.hincrby(self.key(session_id), field, amount))
+        """Atomically adds to a counter (e.g. chunks_generated) and returns the new value."""
+        exists, value = await self._counter(
+            keys=[self.key(session_id), self.refs_key(session_id)],
+            args=[self._ttl_ms, _now_ms(), field, int(amount), "incr"])
+        if not exists:
+            raise SessionNotFound(session_id)
+        return int(value)
+
+    async def advance(self, session_id: str, field: str, value: int) -> int:
+        """Raises a counter to `value` unless it is already higher; returns the counter.
+
+        For progress reported by several workers whose messages may arrive out of order.
+        """
+        exists, current = await self._counter(
+            keys=[self.key(session_id), self.refs_key(session_id)],
+            args=[self._ttl_ms, _now_ms(), field, int(value), "max"])
+        if not exists:
+            raise SessionNotFound(session_id)
+        return int(current)
 
     async def set_placement(self, session_id: str, stage: str, worker_id: str,
                             expected: str | None = None) -> bool:
-        """Compare-and-set of the worker holding `stage` for the session."""
-        key = self.key(session_id)
-        field = f"placement:{stage}"
-        async with self.r.pipeline(transaction=True) as p:
-            while True:
-                try:
-                    await p.watch(key)
-                    if not await p.exists(key):
-                        raise SessionNotFound(session_id)
-                    current = _s(await p.hget(key, field))
-                    if expected is not None and current != expected:
-                        await p.unwatch()
-                        return False
-                    p.multi()
-                    p.hset(key, field, worker_id)
-                    await p.execute()
-                    return True
-                except aioredis.WatchError:
-                    continue
+        """Records that `worker_id` holds `stage` for the session.
+
+        With `expected` it is a compare-and-set: it only succeeds if the current placement equals
+        `expected` ("" = not placed yet), so two services re-placing a session after a worker
+        died cannot both win. Returns False on a mismatch; SessionNotFound if no session.
+        """
+        status, _current = await self._set_placement(
+            keys=[self.key(session_id)],
+            args=[stage, worker_id, "set" if expected is None else "cas", expected or "",
+                  self._ttl_ms, _now_ms(), session_id])
+        if int(status) < 0:
+            raise SessionNotFound(session_id)
+        return int(status) == 1
 
     async def placement(self, session_id: str) -> dict[str, str]:
-        rec = await self.get(session_id)
-        return {k.split(":", 1)[1]: v for k, v in rec.items() if k.startswith("placement:")}
+        return dict((await self.get(session_id)).placement)
 
-    async def list(self, limit: int = 100) -> list[dict[str, str]]:
+    async def list(self, limit: int = 100) -> list[SessionRecord]:
+        """Live sessions, oldest first (expired ids are pruned from the index on the way)."""
         ids = sorted(_s(i) for i in await self.r.smembers("ls:sessions"))
-        out = []
-        for sid in ids:
-            try:
-                out.append(await self.get(sid))
-            except SessionNotFound:
-                await self.r.srem("ls:sessions", sid)
-            if len(out) >= limit:
-                break
-        return out
+        if not ids:
+            return []
+        async with self.r.pipeline(transaction=False) as p:
+            for sid in ids:
+                p.hgetall(self.key(sid))
+            raws = await p.execute()
+        out, gone = [], []
+        for sid, raw in zip(ids, raws):
+            if raw:
+                out.append(SessionRecord.from_hash(raw))
+            else:
+                gone.append(sid)
+        if gone:
+            await self.r.srem("ls:sessions", *gone)
+        out.sort(key=lambda rec: (rec.created_ms, rec.id))
+        return out[:limit]
 
-    async def delete(self, session_id: str) -> None:
-        await self.r.delete(self.key(session_id), f"{self.key(session_id)}:refs")
-        await self.r.srem("ls:sessions", session_id)
+    async def delete(self, session_id: str) -> bool:
+        """Removes the record, its references and its placements; True if it existed."""
+        raw = await self.r.hgetall(self.key(session_id))
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(self.key(session_id), self.refs_key(session_id))
+            p.srem("ls:sessions", session_id)
+            for k, v in raw.items():
+                if _s(k).startswith(_PLACEMENT) and v:
+                    p.srem(f"ls:worker:{_s(v)}:sessions", session_id)
+            await p.execute()
+        return bool(raw)
 
     async def save_references(self, session_id: str, data: bytes) -> None:
-        await self.r.set(f"{self.key(session_id)}:refs", data, ex=self.ttl_s)
+        await self.r.set(self.refs_key(session_id), data, px=self._ttl_ms)
 
     async def load_references(self, session_id: str) -> bytes:
-        data = await self.r.get(f"{self.key(session_id)}:refs")
+        data = await self.r.get(self.refs_key(session_id))
         if data is None:
             raise SessionNotFound(session_id)
         return data
@@ -136,72 +428,182 @@ class WorkerInfo:
     capacity: int
     free: int
     subject: str = ""
+    last_seen_ms: int = 0
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, free: int | None = None) -> "WorkerInfo":
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        info = cls(**{k: v for k, v in data.items() if k in known})
+        if free is not None:
+            info.free = free
+        return info
 
 
 class WorkerRegistry:
-    def __init__(self, r: aioredis.Redis, ttl_s: float = 2.0):
+    """Worker liveness and free capacity, for placing sessions on stateful stages.
+
+    A worker is live while its heartbeat key exists (TTL `ttl_s`, refreshed by every beat).
+    Free slots live in the `ls:workers:<stage>` sorted set: the worker's beat sets them, and
+    `place` takes one at once so placements between beats do not overfill a worker.
+    """
+
+    def __init__(self, r: aioredis.Redis, ttl_s: float = 2.0, session_ttl_s: int = 3600):
         self.r = r
         self.ttl_s = ttl_s
+        self.session_ttl_s = session_ttl_s
+        self._place = r.register_script(_PLACE)
 
-    async def heartbeat(self, info: WorkerInfo) -> None:
+    @staticmethod
+    def key(worker_id: str) -> str:
+        return f"ls:worker:{worker_id}"
+
+    @staticmethod
+    def stage_key(stage: str) -> str:
+        return f"ls:workers:{stage}"
+
+    @staticmethod
+    def sessions_key(worker_id: str) -> str:
+        return f"ls:worker:{worker_id}:sessions"
+
+    async def heartbeat(self, info: WorkerInfo | str, stage: str | None = None,
+                        capacity: int | None = None, free: int | None = None,
+                        subject: str = "") -> WorkerInfo:
+        """Marks a worker live for `ttl_s` with its capacity and free slots.
+
+        Call as `heartbeat(WorkerInfo(...))` or `heartbeat(worker_id, stage, capacity, free)`.
+        """
+        if not isinstance(info, WorkerInfo):
+            if stage is None or capacity is None or free is None:
+                raise TypeError("heartbeat(worker_id, stage, capacity, free) needs all four")
+            info = WorkerInfo(info, stage, int(capacity), int(free), subject)
+        info.last_seen_ms = _now_ms()
         async with self.r.pipeline(transaction=True) as p:
-            p.set(f"ls:worker:{info.worker_id}", json.dumps(info.__dict__), px=int(self.ttl_s * 1000))
-            p.zadd(f"ls:workers:{info.stage}", {info.worker_id: info.free})
+            p.set(self.key(info.worker_id), json.dumps(info.__dict__), px=max(int(self.ttl_s * 1000), 1))
+            p.zadd(self.stage_key(info.stage), {info.worker_id: info.free})
             await p.execute()
+        return info
 
     async def is_alive(self, worker_id: str) -> bool:
-        return bool(await self.r.exists(f"ls:worker:{worker_id}"))
+        return bool(await self.r.exists(self.key(worker_id)))
+
+    async def get(self, worker_id: str) -> WorkerInfo | None:
+        raw = await self.r.get(self.key(worker_id))
+        if raw is None:
+            return None
+        info = WorkerInfo.from_json(raw)
+        score = await self.r.zscore(self.stage_key(info.stage), worker_id)
+        if score is not None:
+            info.free = int(score)
+        return info
 
     async def live_workers(self, stage: str) -> list[WorkerInfo]:
-        ids = [_s(i) for i in await self.r.zrevrange(f"ls:workers:{stage}", 0, -1)]
-        out = []
-        for wid in ids:
-            raw = await self.r.get(f"ls:worker:{wid}")
+        """Live workers of `stage`, most free slots first (dead ones are pruned on the way)."""
+        entries = await self.r.zrevrange(self.stage_key(stage), 0, -1, withscores=True)
+        if not entries:
+            return []
+        raws = await self.r.mget([self.key(_s(w)) for w, _ in entries])
+        out, dead = [], []
+        for (wid, score), raw in zip(entries, raws):
             if raw is None:
-                await self.r.zrem(f"ls:workers:{stage}", wid)  # expired: forget it
-                continue
-            out.append(WorkerInfo(**json.loads(raw)))
-        out.sort(key=lambda w: w.free, reverse=True)
+                dead.append(_s(wid))
+            else:
+                out.append(WorkerInfo.from_json(raw, free=int(score)))
+        if dead:
+            await self.r.zrem(self.stage_key(stage), *dead)
+        out.sort(key=lambda w: (-w.free, w.worker_id))
         return out
 
-    async def deregister(self, worker_id: str, stage: str) -> None:
-        await self.r.delete(f"ls:worker:{worker_id}")
-        await self.r.zrem(f"ls:workers:{stage}", worker_id)
-
     async def choose(self, stage: str, exclude: tuple[str, ...] = ()) -> WorkerInfo | None:
-        """The live worker of `stage` with the most free slots (None if none has a free slot)."""
+        """The live worker of `stage` with the most free slots (None if none has a free slot).
+        Only looks; `place` also takes the slot and records the placement."""
         for w in await self.live_workers(stage):
             if w.worker_id not in exclude and w.free > 0:
                 return w
         return None
 
+    async def place(self, session_id: str, stage: str, exclude: tuple[str, ...] = ()) -> str:
+        """Places the session's `stage` on the freest live worker and records it (atomically).
+
+        Returns the worker id; raises NoWorkerAvailable if no live worker has a free slot, and
+        SessionNotFound if the session has no record.
+        """
+        result = await self._place(
+            keys=[self.stage_key(stage), SessionStore.key(session_id)],
+            args=[stage, int(self.session_ttl_s * 1000), _now_ms(), session_id, *exclude])
+        if result == -1:
+            raise SessionNotFound(session_id)
+        worker = _s(result)
+        if not worker:
+            raise NoWorkerAvailable(stage)
+        return worker
+
+    async def sessions_on(self, worker_id: str) -> list[str]:
+        return sorted(_s(s) for s in await self.r.smembers(self.sessions_key(worker_id)))
+
+    async def deregister(self, worker_id: str, stage: str) -> None:
+        """A worker leaving cleanly (drain): no new placements; its sessions stay recorded."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(self.key(worker_id))
+            p.zrem(self.stage_key(stage), worker_id)
+            await p.execute()
+
+    async def mark_dead(self, worker_id: str, stage: str | None = None) -> list[str]:
+        """Declares a worker dead (missed heartbeats, failed requests): it stops being live and
+        placeable at once. Returns the sessions that were placed on it, to re-place."""
+        if stage is None:
+            info = await self.get(worker_id)
+            stages = [info.stage] if info else [
+                _s(k).removeprefix("ls:workers:")
+                async for k in self.r.scan_iter(match="ls:workers:*", count=100)]
+        else:
+            stages = [stage]
+        sessions = await self.sessions_on(worker_id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(self.key(worker_id), self.sessions_key(worker_id))
+            for st in stages:
+                p.zrem(self.stage_key(st), worker_id)
+            await p.execute()
+        return sessions
+
 
 class CheckpointStore:
+    """Per-session, per-stage latent checkpoints: the sink and window entries a new worker needs
+    to rebuild a session's caches after a failover. Each save refreshes the TTL."""
+
     def __init__(self, r: aioredis.Redis, ttl_s: int = 3600):
         self.r = r
         self.ttl_s = ttl_s
+        self._save = r.register_script(_CKPT_SAVE)
 
     @staticmethod
     def key(session_id: str, stage: str) -> str:
         return f"ls:ckpt:{session_id}:{stage}"
 
+    @staticmethod
+    def index_key(session_id: str) -> str:
+        return f"ls:ckpt:{session_id}"
+
     async def save(self, session_id: str, stage: str, chunk_index: int, data: bytes,
-                   keep: list[int]) -> None:
-        """Stores chunk `chunk_index` and forgets entries whose index is not in `keep`."""
-        key = self.key(session_id, stage)
-        existing = [int(_s(k)) for k in await self.r.hkeys(key)]
-        stale = [str(k) for k in existing if k not in keep and k != chunk_index]
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(key, str(chunk_index), data)
-            if stale:
-                p.hdel(key, *stale)
-            p.expire(key, self.ttl_s)
-            await p.execute()
+                   keep: list[int] | None = None) -> int:
+        """Stores chunk `chunk_index` and forgets entries whose index is not in `keep` (the sink
+        and window chunks still needed); `keep=None` forgets nothing. Returns entries held."""
+        keep_args = ["*"] if keep is None else [str(int(k)) for k in keep]
+        return int(await self._save(
+            keys=[self.key(session_id, stage), self.index_key(session_id)],
+            args=[int(self.ttl_s * 1000), str(int(chunk_index)), data, stage, *keep_args]))
 
     async def load(self, session_id: str, stage: str) -> dict[int, bytes]:
+        """chunk index -> entry bytes (empty if none)."""
         raw = await self.r.hgetall(self.key(session_id, stage))
         return {int(_s(k)): v for k, v in raw.items()}
 
-    async def delete(self, session_id: str) -> None:
-        for stage in ("generator", "refiner", "decoder"):
+    async def delete(self, session_id: str, stage: str | None = None) -> None:
+        """Drops one stage's checkpoints, or every stage's."""
+        if stage is not None:
             await self.r.delete(self.key(session_id, stage))
+            await self.r.srem(self.index_key(session_id), stage)
+            return
+        stages = {_s(s) for s in await self.r.smembers(self.index_key(session_id))}
+        stages |= {"generator", "refiner", "decoder"}
+        await self.r.delete(self.index_key(session_id), *(self.key(session_id, s) for s in stages))

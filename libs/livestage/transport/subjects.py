@@ -1,17 +1,63 @@
-"""Every NATS subject LiveStage uses, built in one place."""
+"""Every NATS subject LiveStage uses, built in one place.
+
+Scheme (tokens are sanitised ids, see `safe_token`):
+
+| subject                                          | who listens                                  |
+|--------------------------------------------------|----------------------------------------------|
+| `ls.<stage>.work`                                | every worker of a stage, queue group <stage> |
+| `ls.<stage>.<worker_id>`                         | one worker: open/close/rollback, chunks      |
+| `ls.<stage>.<worker_id>.session.<session_id>`    | one worker, one session (sticky)             |
+| `ls.session.<session_id>.events`                 | session events (state, transcripts, timings) |
+| `ls.session.<session_id>.frames`                 | decoded frames + speak audio (publisher)     |
+| `ls.session.<session_id>.deliveries`             | finished chunks back to the session runtime  |
+| `ls.session.<session_id>.user_text`              | user text turns for the dialogue stage       |
+| `ls.control.<session_id>`                        | control (interrupt, directive, end)          |
+
+`session` and `control` are therefore reserved as stage names, and `work` as a worker id, so no
+two rows can ever produce the same subject.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
+__all__ = ["RESERVED_STAGES", "RESERVED_WORKER_IDS", "Subjects", "safe_token"]
+
+_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_TOKEN = 96
+RESERVED_STAGES = frozenset({"session", "control"})
+RESERVED_WORKER_IDS = frozenset({"work"})
 
 
 def safe_token(value: str) -> str:
-    """A subject token from an id: anything but [A-Za-z0-9_-] becomes '_' (no wildcards, no dots)."""
-    if not value:
-        raise ValueError("empty subject token")
-    return _UNSAFE.sub("_", value)
+    """A subject token from an id: no dots, wildcards or whitespace, and no collisions.
+
+    Ids made of [A-Za-z0-9_-] (uuids, `generator-1`) pass unchanged. Anything else has its unsafe
+    characters replaced by '_' *and* a short digest of the original appended, so `a.b` and `a_b`
+    (or `a*b`) never share a subject. Very long ids are shortened the same way.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"empty or non-string subject token: {value!r}")
+    if _SAFE.match(value) and len(value) <= _MAX_TOKEN:
+        return value
+    digest = hashlib.blake2s(value.encode(), digest_size=4).hexdigest()
+    return f"{_UNSAFE.sub('_', value)[:_MAX_TOKEN - 9]}-{digest}"
+
+
+def _stage(stage: str) -> str:
+    token = safe_token(stage)
+    if token in RESERVED_STAGES:
+        raise ValueError(f"{stage!r} is reserved and cannot be a stage name")
+    return token
+
+
+def _worker(worker_id: str) -> str:
+    token = safe_token(worker_id)
+    if token in RESERVED_WORKER_IDS:
+        raise ValueError(f"{worker_id!r} is reserved and cannot be a worker id")
+    return token
 
 
 class Subjects:
@@ -19,23 +65,57 @@ class Subjects:
 
     @classmethod
     def stage_work(cls, stage: str) -> str:
-        """Unplaced work for any worker of a stateless stage (queue group = stage)."""
-        return f"{cls.PREFIX}.{safe_token(stage)}.work"
+        """Unplaced work for any worker of a stage (subscribe with `queue=queue_group(stage)`)."""
+        return f"{cls.PREFIX}.{_stage(stage)}.work"
+
+    @staticmethod
+    def queue_group(stage: str) -> str:
+        return _stage(stage)
+
+    @classmethod
+    def is_queue_subject(cls, subject: str) -> bool:
+        """True for `ls.<stage>.work`: exactly one member of a queue group gets each message, which
+        matters to how the transport splits oversized messages."""
+        parts = subject.split(".")
+        return len(parts) == 3 and parts[0] == cls.PREFIX and parts[2] == "work"
 
     @classmethod
     def worker(cls, stage: str, worker_id: str) -> str:
-        """Sticky subject of one worker: chunks and control messages of its sessions."""
-        return f"{cls.PREFIX}.{safe_token(stage)}.{safe_token(worker_id)}"
+        """Sticky subject of one worker: placement, control and chunks of its sessions."""
+        return f"{cls.PREFIX}.{_stage(stage)}.{_worker(worker_id)}"
 
     @classmethod
-    def session_frames(cls, session_id: str) -> str:
-        return f"{cls.PREFIX}.session.{safe_token(session_id)}.frames"
+    def worker_session(cls, stage: str, worker_id: str, session_id: str) -> str:
+        """Sticky subject of one session on one worker."""
+        return f"{cls.worker(stage, worker_id)}.session.{safe_token(session_id)}"
+
+    @classmethod
+    def worker_sessions(cls, stage: str, worker_id: str) -> str:
+        """Wildcard a worker subscribes to for all its per-session subjects."""
+        return f"{cls.worker(stage, worker_id)}.session.*"
 
     @classmethod
     def session_events(cls, session_id: str) -> str:
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.events"
 
     @classmethod
+    def session_frames(cls, session_id: str) -> str:
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.frames"
+
+    @classmethod
     def session_deliveries(cls, session_id: str) -> str:
         """Finished chunks (frames + timings) from the decoder back to the session runtime."""
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.deliveries"
+
+    @classmethod
+    def session_user_text(cls, session_id: str) -> str:
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.user_text"
+
+    @classmethod
+    def control(cls, session_id: str) -> str:
+        """Control messages of one session (interrupt, directive, end), for every stage."""
+        return f"{cls.PREFIX}.control.{safe_token(session_id)}"
+
+    @classmethod
+    def all_control(cls) -> str:
+        return f"{cls.PREFIX}.control.*"
