@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= demo
 
-.PHONY: setup test test-fast render up bench bench-model bench-pipeline bench-triton verify-parity protos chart-check compose-check clean
+.PHONY: setup demo test test-fast render up bench bench-model bench-pipeline bench-triton bench-speech verify-parity protos chart-check compose-check clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -15,7 +15,10 @@ test: setup ## the whole test suite (what CI runs)
 test-fast: setup ## model tests only
 	@$(PY) -m pytest -q -p no:cacheprovider tests/models $(PYTEST_ARGS)
 
-render: setup ## the main job on the embedded default: a sample character answering a sample voice
+demo: setup ## the main job: the whole stack, the sample character asked the sample question -> out/demo.mp4
+	@$(PY) -m livestage.cli demo --preset $(PRESET) --out out/demo.mp4
+
+render: setup ## in-process on the embedded default: a sample character answering a sample voice
 	@$(PY) -m livestage.cli render --preset $(PRESET) --sample --out out/render.mp4
 
 verify-parity: setup ## check our DiT and VAE against the shared Wan2.1 reference cases
@@ -27,7 +30,7 @@ up: setup ## the whole stack on loopback (nats, redis, every service) until Ctrl
 protos: setup ## regenerate the gRPC/protobuf code from protos/
 	@$(PY) -m livestage.protos
 
-bench: bench-model bench-pipeline bench-triton ## every benchmark, numbers from one run each
+bench: bench-model bench-pipeline bench-triton bench-speech ## every benchmark, numbers from one run each
 
 bench-model: setup ## in-process: per-chunk latency per stage (median, p95) and real-time factor
 	@$(PY) loadtests/bench_model.py --presets tiny demo
@@ -37,6 +40,9 @@ bench-pipeline: setup ## distributed vs in-process: stage/e2e latency, first chu
 
 bench-triton: setup ## the same stage engines in-process vs inside a Triton server (CPU)
 	@$(PY) loadtests/bench_triton.py --presets tiny demo
+
+bench-speech: setup ## ASR word error rate and RTF, TTS RTF, LLM first token and tokens/s, VAD RTF
+	@$(PY) loadtests/bench_speech.py
 
 chart-check: setup ## render the Helm chart with every values file and validate it strictly
 	@$(PY) -m pytest -q -p no:cacheprovider tests/deploy -k "chart or values or pods or images or broken"

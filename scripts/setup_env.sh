@@ -5,12 +5,18 @@ cd "$(dirname "$0")/.."
 VENV=.work/venv
 STAMP=$VENV/.installed-$(cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 if [ -f "$STAMP" ]; then exit 0; fi
-# System servers the tests and the local launcher start themselves (redis-server from Debian).
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages: redis-server (the tests and the local launcher start it themselves), chromium
+# (the playground's headless browser test), cmake/g++ (llama-cpp-python has no wheel).
+MISSING=()
+command -v redis-server >/dev/null 2>&1 || MISSING+=(redis-server)
+command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+command -v cmake >/dev/null 2>&1 || MISSING+=(cmake)
+command -v g++ >/dev/null 2>&1 || MISSING+=(g++)
+if [ ${#MISSING[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${MISSING[@]}") >/dev/null
   else
-    echo "redis-server is missing: install it (Debian: apt-get install redis-server)" >&2; exit 1
+    echo "missing system packages: ${MISSING[*]} (Debian: apt-get install ${MISSING[*]})" >&2; exit 1
   fi
 fi
 PY=${PYTHON:-python3.11}
@@ -19,6 +25,19 @@ mkdir -p .work
 [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
 $VENV/bin/pip install -q --upgrade pip wheel
 $VENV/bin/pip install -q -r requirements.txt
+# llama-cpp-python (the built-in dialogue LLM runtime) only exists as a source package: build the
+# wheel once (about 12 min on 2 cores) and keep it in .work/wheels for later environments.
+LLAMA=llama-cpp-python==0.3.36
+if ! $VENV/bin/python -c "import llama_cpp" 2>/dev/null; then
+  mkdir -p .work/wheels
+  if ! ls .work/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building $LLAMA (once, ~12 min)..."
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $VENV/bin/pip wheel -q --no-deps -w .work/wheels "$LLAMA"
+  fi
+  $VENV/bin/pip install -q --no-deps .work/wheels/llama_cpp_python-0.3.36-*.whl
+  $VENV/bin/pip install -q "diskcache>=5.6.1" "jinja2>=2.11.3" "typing-extensions>=4.5.0"
+fi
 $VENV/bin/pip install -q --no-deps --no-build-isolation -e .
 rm -f $VENV/.installed-*
 touch "$STAMP"

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds before an abandoned session's caches are freed")
     repo.add_argument("--sys-path", default="", help="extra import path for LiveStage in the image")
 
+    demo = sub.add_parser("demo", help="the main job: the whole stack, a sample character asked a "
+                                       "sample question, the MP4 of its answer and the latencies")
+    demo.add_argument("--preset", default="demo")
+    demo.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
+    demo.add_argument("--workdir", type=Path, default=Path(".work/demo"))
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
+
     ckpt = sub.add_parser("checkpoint", help="checkpoint tools")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     verify = ckpt_sub.add_parser("verify", help="compare our model with a reference parity archive")
@@ -184,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_render(args)
         if args.command == "triton-repo":
             return cmd_triton_repo(args)
+        if args.command == "demo":
+            from livestage.devstack.demo import run_demo
+
+            summary = run_demo(args.preset, args.out, args.workdir, args.timeout)
+            return 0 if summary.get("out") else 1
         if args.command == "checkpoint" and args.checkpoint_command == "verify":
             return cmd_checkpoint_verify(args)
     except CliError as exc:

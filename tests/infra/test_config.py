@@ -56,14 +56,26 @@ def test_inconsistent_values_name_both_variables(monkeypatch):
 
 def test_services_subclass_with_their_own_fields(monkeypatch):
     class PublisherSettings(Settings):
-        livekit_url: str = "ws://127.0.0.1:7880"
+        recordings_dir: str = "/tmp/recordings"
         video_fps: int = 24
 
     monkeypatch.setenv("LIVESTAGE_VIDEO_FPS", "25")
     monkeypatch.setenv("LIVESTAGE_PRESET", "demo")
     s = load_settings(PublisherSettings)
-    assert (s.video_fps, s.preset, s.livekit_url) == (25, "demo", "ws://127.0.0.1:7880")
+    assert (s.video_fps, s.preset, s.recordings_dir) == (25, "demo", "/tmp/recordings")
     assert env_name("video_fps", PublisherSettings) == "LIVESTAGE_VIDEO_FPS"
     monkeypatch.setenv("LIVESTAGE_VIDEO_FPS", "fast")
     with pytest.raises(SettingsError, match="LIVESTAGE_VIDEO_FPS"):
         load_settings(PublisherSettings)
+
+
+def test_livekit_needs_its_keys_and_viewers_get_the_public_url(monkeypatch):
+    monkeypatch.setenv("LIVESTAGE_LIVEKIT_URL", "ws://livekit:7880")
+    with pytest.raises(SettingsError, match="LIVESTAGE_LIVEKIT_API_KEY") as info:
+        load_settings(Settings)
+    assert "LIVESTAGE_LIVEKIT_URL" in info.value.variables
+    monkeypatch.setenv("LIVESTAGE_LIVEKIT_API_KEY", "devkey")
+    monkeypatch.setenv("LIVESTAGE_LIVEKIT_API_SECRET", "s" * 32)
+    assert load_settings(Settings).viewer_livekit_url == "ws://livekit:7880"
+    monkeypatch.setenv("LIVESTAGE_LIVEKIT_PUBLIC_URL", "ws://localhost:7880")
+    assert load_settings(Settings).viewer_livekit_url == "ws://localhost:7880"

@@ -103,7 +103,7 @@ def test_session_service_has_every_rpc():
         "CreateSession": (False, False), "StartSession": (False, False),
         "PushUserAudio": (True, False), "PushSpeakAudio": (True, False),
         "SendText": (False, False), "SetDirective": (False, False), "Interrupt": (False, False),
-        "EndSession": (False, False), "GetSession": (False, False), "ListSessions": (False, False),
+        "EndSession": (False, False), "GetSession": (False, False), "ListSessions": (False, False), "CreateViewerToken": (False, False),
         "StreamEvents": (False, True)}
     assert hasattr(session_pb2_grpc, "SessionServiceStub")
     assert hasattr(session_pb2_grpc, "add_SessionServiceServicer_to_server")

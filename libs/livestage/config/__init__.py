@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     livekit_url: str = ""
     livekit_api_key: str = ""
     livekit_api_secret: str = ""
+    livekit_public_url: str = ""
+    """The URL viewers' browsers connect to, when it differs from the one services use inside the
+    cluster or compose network (e.g. ws://localhost:7880 vs ws://livekit:7880)."""
+
+    @property
+    def viewer_livekit_url(self) -> str:
+        return self.livekit_public_url or self.livekit_url
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from livestage.devstack.servers import ManagedProcess, start_service
 from livestage.state import WorkerRegistry, connect_redis
 
 STAGES = ("encoder", "generator", "refiner", "decoder")
+CONVERSATION_STAGES = ("tts", "dialogue", "publisher")
 
 
 @dataclass
@@ -28,12 +29,15 @@ class LocalStack:
     backend: str = "local"
     """`triton`: also start a Triton server on a generated repository; stages call it."""
     triton: ManagedProcess | None = None
+    conversation: bool = False
+    """Also start the dialogue, tts and publisher services (the conversation loop)."""
 
     def base_env(self) -> dict[str, str]:
         assert self.nats and self.redis
         env = {"LIVESTAGE_NATS_URL": self.nats.url, "LIVESTAGE_REDIS_URL": self.redis.url,
                "LIVESTAGE_PRESET": self.preset, "LIVESTAGE_LOG_LEVEL": "INFO",
-               "LIVESTAGE_BACKEND": self.backend, **self.env}
+               "LIVESTAGE_BACKEND": self.backend,
+               "LIVESTAGE_RECORDINGS_DIR": str(self.workdir / "recordings"), **self.env}
         if self.triton is not None:
             env["LIVESTAGE_TRITON_URL"] = self.triton.url
         return env
@@ -66,7 +70,12 @@ class LocalStack:
                 self.start_stage("generator", f"generator-{i + 1}")
             self.start_stage("refiner", "refiner-1")
             self.start_stage("decoder", "decoder-1")
-            self.wait_for_workers({"generator": self.generators, "refiner": 1, "decoder": 1}, timeout)
+            counts = {"generator": self.generators, "refiner": 1, "decoder": 1}
+            if self.conversation:
+                for stage in CONVERSATION_STAGES:
+                    self.start_stage(stage, f"{stage}-1")
+                counts.update({"dialogue": 1, "publisher": 1})
+            self.wait_for_workers(counts, timeout)
             self.session_port = free_port()
             env = {**self.base_env(), "LIVESTAGE_GRPC_PORT": str(self.session_port),
                    "LIVESTAGE_WORKER_ID": "session-1"}

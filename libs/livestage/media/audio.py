@@ -20,6 +20,26 @@ def _resampled(resampler: av.AudioResampler, frame: av.AudioFrame | None) -> lis
     return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
 
 
+def resample_audio(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Mono float32 from one rate to another through libswresample's anti-aliasing filter
+    (TTS voices speak at 22.05/24 kHz, the pipeline listens at 16 kHz). Output length is
+    `round(n * rate_out / rate_in)` exactly, so consecutive pieces of a stream keep their timing."""
+    arr = np.ascontiguousarray(np.asarray(samples, dtype=np.float32).reshape(-1))
+    if rate_in < 1 or rate_out < 1:
+        raise ValueError(f"sample rates must be positive, got {rate_in} -> {rate_out}")
+    if rate_in == rate_out or arr.size == 0:
+        return arr.copy()
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate_out)
+    frame = av.AudioFrame.from_ndarray(arr[None, :], format="fltp", layout="mono")
+    frame.sample_rate = rate_in
+    out = _resampled(resampler, frame) + _resampled(resampler, None)
+    joined = np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+    want = int(round(arr.size * rate_out / rate_in))
+    if joined.size >= want:
+        return joined[:want]
+    return np.concatenate([joined, np.zeros(want - joined.size, np.float32)])
+
+
 def load_audio(path: str | Path, expected_rate: int = 16000, resample: bool = False,
                max_seconds: float | None = None) -> np.ndarray:
     """Decodes an audio file (WAV, MP3, FLAC, OGG/Opus, M4A...) to mono float32 at `expected_rate`.

@@ -46,6 +46,8 @@ class Metrics:
     lookahead_chunks: Gauge
     """Chunks generated ahead of playback (per session)."""
     sessions_per_worker: Gauge
+    reply_latency: Histogram
+    """End of the user's speech -> first chunk with the character's answer delivered."""
     errors: Counter
     chunks: Counter
 
@@ -73,6 +75,9 @@ METRICS = Metrics(
                            ["session_id"], registry=REGISTRY),
     sessions_per_worker=Gauge("livestage_sessions_per_worker", "Sessions held by this worker",
                               ["stage", "worker_id"], registry=REGISTRY),
+    reply_latency=Histogram("livestage_reply_latency_seconds",
+                            "End of user speech to first answer frame", buckets=_BUCKETS,
+                            registry=REGISTRY),
     errors=Counter("livestage_errors_total", "Errors by kind", ["kind"], registry=REGISTRY),
     chunks=Counter("livestage_chunks_total", "Chunks processed", ["stage"], registry=REGISTRY),
 )

@@ -111,13 +111,41 @@ class SessionRuntime:
         self._wake = asyncio.Event()
         self.first_chunk_latency_s: float | None = None
         self._started_at = time.perf_counter()
+        self._reported_played = -1
+        self._reported_at: float | None = None
+        self.playback_report_ttl_s = 10.0
 
     # -- inputs (take effect at chunk boundaries) ---------------------------------------------
     def push_speak_audio(self, samples: np.ndarray) -> None:
+        """Speech of the character. When the speak stream has gone quiet, new speech starts at the
+        first chunk not yet submitted (the earliest it can still be shown), not back at the end of
+        the previous reply."""
+        self.speak.pad_to(self.next_submit * self.chunk.chunk_seconds)
         self.speak.push(samples)
 
     def push_listen_audio(self, samples: np.ndarray) -> None:
+        """The user's voice, placed at the chunk now playing when the stream had gone quiet."""
+        self.listen.pad_to(self.played * self.chunk.chunk_seconds)
         self.listen.push(samples)
+
+    def report_playback(self, chunk_index: int) -> None:
+        """The publisher has started playing `chunk_index`. Generation stays at most `lookahead`
+        chunks ahead of what the publisher really plays (its own queue included), not only of the
+        runtime's chunk clock; a report older than `playback_report_ttl_s` is ignored so a dead
+        publisher cannot stall the session."""
+        self._reported_played = max(self._reported_played, chunk_index)
+        self._reported_at = time.monotonic()
+        self._wake.set()
+
+    @property
+    def speech_pending(self) -> bool:
+        """Speech received that has not finished playing (a user talking now is barging in)."""
+        return self.speak.end_sample > self.played * self.chunk.samples_per_chunk
+
+    def _playback_base(self) -> int:
+        if self._reported_at is None or time.monotonic() - self._reported_at > self.playback_report_ttl_s:
+            return self.played
+        return min(self.played, self._reported_played + 1 + self.lookahead)
 
     def set_directive(self, text: str) -> None:
         self._pending_directive = text
@@ -148,7 +176,7 @@ class SessionRuntime:
 
     # -- the loop -------------------------------------------------------------------------------
     async def _fill_lookahead(self) -> None:
-        while self.next_submit < self.played + self.lookahead:
+        while self.next_submit < self._playback_base() + self.lookahead:
             k = self.next_submit
             if self._pending_directive is not None:
                 self.directive, self._pending_directive = self._pending_directive, None

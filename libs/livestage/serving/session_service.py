@@ -23,6 +23,7 @@ from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
 from livestage.runtime.session_runtime import ChunkDelivery, SessionRuntime
 from livestage.runtime.session_state import SessionState
+from livestage.serving.conversation import ConversationLink
 from livestage.serving.distributed_pipeline import DistributedChunkPipeline, StageUnavailable
 from livestage.serving.process import ServiceProcess
 from livestage.state import CheckpointStore, SessionNotFound, SessionStore, WorkerRegistry
@@ -59,6 +60,7 @@ class LiveSession:
     weights: str = ""
     started_at: float | None = None
     frames_delivered: int = 0
+    conversation: ConversationLink | None = None
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -101,13 +103,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             livekit_room=rec.get("livekit_room", ""),
             placement=pb.Placement(generator=rec.get("placement:generator", ""),
                                    refiner=rec.get("placement:refiner", ""),
-                                   decoder=rec.get("placement:decoder", "")),
+                                   decoder=rec.get("placement:decoder", ""),
+                                   dialogue=rec.get("placement:dialogue", ""),
+                                   publisher=rec.get("placement:publisher", "")),
             chunks_generated=int(rec.get("chunks_generated", 0) or 0),
             chunks_played=int(rec.get("chunks_played", 0) or 0),
             playback_seconds=float(rec.get("playback_seconds", 0) or 0),
             weights=rec.get("weights", ""), created_unix_ms=int(rec.get("created_ms", 0) or 0),
             sink_chunks=[int(x) for x in rec.get("sink_chunks", "").split(",") if x],
             sink_digest=rec.get("sink_digest", ""),
+            recording=rec.get("recording", ""), livekit_url=self.settings.viewer_livekit_url,
         )
 
     async def _emit(self, live: LiveSession, event: pb.SessionEvent) -> None:
@@ -149,6 +154,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             await self.proc.bus.publish(Subjects.session_frames(live.session_id), StageMessage(
                 "frames", live.session_id, d.chunk_index, d.epoch, meta,
                 {"frames": d.frames, "audio": d.speak_audio}))
+            if live.conversation is not None:
+                first, latency = live.conversation.on_chunk(d.chunk_index, d.speaking)
+                if first:
+                    detail = "" if latency is None else f"{latency * 1000:.0f} ms after end of user speech"
+                    await self._emit(live, pb.SessionEvent(turn=pb.TurnEvent(
+                        kind=pb.TURN_KIND_SPEECH_STARTED, reply=live.conversation.current_reply,
+                        chunk_index=d.chunk_index, detail=detail)))
             e2e = d.timings_ms.get("end_to_end")
             if e2e is not None:
                 METRICS.chunk_e2e_latency.observe(e2e / 1000)
@@ -231,9 +243,48 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             live.runtime = SessionRuntime(session_id, p.chunk, pipeline, lookahead=lookahead,
                                           realtime=opts.realtime, events=self._events_for(live),
                                           on_chunk=self._on_chunk_for(live))
+            live.conversation = await self._converse(live, request, lookahead)
             self.live[session_id] = live
-            self.log.info("session_created", session_id=session_id, placement=pipeline.placement)
+            self.log.info("session_created", session_id=session_id, placement=pipeline.placement,
+                          dialogue=live.conversation.dialogue_worker,
+                          publisher=live.conversation.publisher_worker)
             return await self._to_proto(session_id)
+
+    async def _converse(self, live: LiveSession, request: pb.CreateSessionRequest,
+                        lookahead: int) -> ConversationLink:
+        """Attaches the dialogue and publisher workers (when deployed) to a new session."""
+        p = self.preset
+        link = ConversationLink(live.session_id, self.proc.bus, live.runtime, self._emitter(live),
+                                lambda reason: self._interrupt(live, reason),
+                                sample_rate=p.chunk.sample_rate)
+        await link.open(
+            dialogue_meta={"persona": request.character.persona, "voice": request.character.voice,
+                           "sample_rate": str(p.chunk.sample_rate)},
+            publisher_meta={"livekit_room": request.livekit_room, "fps": str(p.chunk.fps),
+                            "width": str(p.width), "height": str(p.height),
+                            "sample_rate": str(p.chunk.sample_rate),
+                            "realtime": str(int(request.options.realtime)),
+                            "lookahead": str(lookahead)})
+        await self.store.update(live.session_id, **{
+            "placement:dialogue": link.dialogue_worker, "placement:publisher": link.publisher_worker,
+            "recording": link.recording})
+        return link
+
+    def _emitter(self, live: LiveSession):
+        async def emit(event: pb.SessionEvent) -> None:
+            await self._emit(live, event)
+        return emit
+
+    async def _interrupt(self, live: LiveSession, reason: str) -> int:
+        """Rolls the session back to the chunk playing now and cancels the reply everywhere."""
+        last_kept = await live.runtime.interrupt()
+        tr = live.runtime.state.on_interrupt(last_kept)
+        if tr is not None:
+            await self._events_for(live)("state", {"from": tr.previous.value, "to": tr.current.value,
+                                                   "chunk": tr.chunk_index})
+        if live.conversation is not None:
+            await live.conversation.interrupted(last_kept, reason)
+        return last_kept
 
     async def StartSession(self, request: pb.SessionRef, context) -> pb.Session:
         async def run() -> pb.Session:
@@ -288,7 +339,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 samples = np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.float32) / 32768.0
                 if channels == 2:
                     samples = samples.reshape(-1, 2).mean(axis=1)
-                (live.runtime.push_speak_audio if speak else live.runtime.push_listen_audio)(samples)
+                if speak:
+                    live.runtime.push_speak_audio(samples)
+                else:
+                    live.runtime.push_listen_audio(samples)
+                    if live.conversation is not None:
+                        await live.conversation.user_audio(samples)
                 total += samples.size
             if live is None:
                 raise invalid("session_id", "empty audio stream")
@@ -309,8 +365,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 raise invalid("text", "empty")
             await self._emit(live, pb.SessionEvent(transcript=pb.Transcript(text=request.text, final=True,
                                                                             speaker="user")))
-            await self.proc.bus.publish(f"ls.session.{live.session_id}.user_text",
-                                        StageMessage("user_text", live.session_id, meta={"text": request.text}))
+            if len(request.text) > 4000:
+                raise invalid("text", "longer than 4000 characters")
+            if live.conversation is not None:
+                await live.conversation.user_text(request.text)
             return await self._to_proto(live.session_id)
         return await self._guard(context, run())
 
@@ -328,11 +386,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             live = self._live(request.session_id)
             if not live.started:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "session_id: session not started")
-            last_kept = await live.runtime.interrupt()
-            tr = live.runtime.state.on_interrupt(last_kept)
-            if tr is not None:
-                await self._events_for(live)("state", {"from": tr.previous.value, "to": tr.current.value,
-                                                       "chunk": tr.chunk_index})
+            last_kept = await self._interrupt(live, "api")
             return pb.InterruptResponse(session_id=live.session_id, last_kept_chunk=last_kept)
         return await self._guard(context, run())
 
@@ -353,6 +407,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         else:
             await live.runtime._emit_transition(live.runtime.state.end(live.runtime.played))
         live.ended = True
+        if live.conversation is not None:
+            await live.conversation.close(last_chunk=live.runtime.played - 1, epoch=live.runtime.epoch)
         await live.pipeline.close()
         await self.store.update(live.session_id, state=SessionState.ENDED.value)
         for q in live.subscribers:
@@ -369,6 +425,32 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         async def run() -> pb.ListSessionsResponse:
             records = await self.store.list(limit=request.limit or 100)
             return pb.ListSessionsResponse(sessions=[await self._to_proto(r["id"]) for r in records])
+        return await self._guard(context, run())
+
+    async def CreateViewerToken(self, request: pb.ViewerTokenRequest, context) -> pb.ViewerToken:
+        async def run() -> pb.ViewerToken:
+            from livestage.publishing.tokens import viewer_token
+
+            live = self._live(request.session_id)
+            s = self.settings
+            if not s.livekit_url:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "session_id: LiveKit is not configured (LIVESTAGE_LIVEKIT_URL); "
+                                   "the session is recorded to an MP4 instead")
+            rec = await self.store.get(live.session_id)
+            room = rec.get("livekit_room", "")
+            if not room:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "session_id: the session was created without a livekit_room")
+            if not request.identity.strip():
+                raise invalid("identity", "required")
+            ttl = request.ttl_s or 3600
+            if not 60 <= ttl <= 86400:
+                raise invalid("ttl_s", f"must be 60..86400 seconds, got {ttl}")
+            token = viewer_token(s.livekit_api_key, s.livekit_api_secret, room, request.identity,
+                                 name=request.name, ttl_s=ttl)
+            return pb.ViewerToken(token=token, livekit_url=s.viewer_livekit_url, room=room,
+                                  expires_unix=int(time.time()) + ttl)
         return await self._guard(context, run())
 
     async def StreamEvents(self, request: pb.SessionRef, context):

@@ -11,6 +11,11 @@ Scheme (tokens are sanitised ids, see `safe_token`):
 | `ls.session.<session_id>.frames`                 | decoded frames + speak audio (publisher)     |
 | `ls.session.<session_id>.deliveries`             | finished chunks back to the session runtime  |
 | `ls.session.<session_id>.user_text`              | user text turns for the dialogue stage       |
+| `ls.session.<session_id>.user_audio`             | the user's voice (PCM) for the dialogue stage |
+| `ls.session.<session_id>.dialogue`               | transcripts, turn events, reply text         |
+| `ls.session.<session_id>.speak_audio`            | the character's speech (TTS, A2A, LiveKit agent) |
+| `ls.session.<session_id>.playback`               | the publisher's playback position            |
+| `ls.session.<session_id>.commands`               | requests to the session runtime (interrupt)  |
 | `ls.control.<session_id>`                        | control (interrupt, directive, end)          |
 
 `session` and `control` are therefore reserved as stage names, and `work` as a worker id, so no
@@ -110,6 +115,31 @@ class Subjects:
     @classmethod
     def session_user_text(cls, session_id: str) -> str:
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.user_text"
+
+    @classmethod
+    def session_user_audio(cls, session_id: str) -> str:
+        """The user's voice, float32 16 kHz, in arrival order (session service -> dialogue)."""
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.user_audio"
+
+    @classmethod
+    def session_dialogue(cls, session_id: str) -> str:
+        """Dialogue events (transcripts, turns, reply text) back to the session service."""
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.dialogue"
+
+    @classmethod
+    def session_speak_audio(cls, session_id: str) -> str:
+        """The character's speech, tagged with its reply turn (TTS/A2A/LiveKit agent -> session)."""
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.speak_audio"
+
+    @classmethod
+    def session_playback(cls, session_id: str) -> str:
+        """Playback position reports (publisher -> session runtime, for the lookahead)."""
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.playback"
+
+    @classmethod
+    def session_commands(cls, session_id: str) -> str:
+        """Requests to the session runtime from other services (e.g. `lk.clear_buffer` -> interrupt)."""
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.commands"
 
     @classmethod
     def control(cls, session_id: str) -> str:

@@ -1,0 +1,1 @@
+"""The `dialogue` service (see livestage.serving.dialogue_worker)."""

@@ -1,0 +1,1 @@
+"""The `publisher` service (see livestage.serving.publisher_worker)."""

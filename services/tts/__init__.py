@@ -1,0 +1,1 @@
+"""The `tts` service (see livestage.serving.tts_worker)."""
