@@ -226,7 +226,7 @@ def start_nats(workdir: Path, *, max_payload: int | str = "8MB", jetstream: bool
     Ready means `/healthz` answers ok, which with JetStream on also means JetStream is up.
     """
     binary = find_binary("nats-server")
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # the server runs with cwd=workdir: paths must not be relative
     workdir.mkdir(parents=True, exist_ok=True)
 
     def attempt(p: int) -> RunningServer:
@@ -270,7 +270,7 @@ def _redis_ready(port: int, pid: int) -> bool:
 def start_redis(workdir: Path, *, port: int | None = None, timeout: float = 20.0) -> RunningServer:
     """Starts redis-server without persistence; `.url` is `redis://127.0.0.1:<port>/0`."""
     binary = find_binary("redis-server")
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # the server runs with cwd=workdir: paths must not be relative
     workdir.mkdir(parents=True, exist_ok=True)
 
     def attempt(p: int) -> RunningServer:

@@ -68,6 +68,11 @@ class DemoRun:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     user_text: str = ""
     reply_text: str = ""
+    marks: dict[str, float] = field(default_factory=dict)
+    """First time each milestone was seen (perf_counter): user_ended, transcript, reply_started..."""
+
+    def mark(self, name: str, at: float) -> None:
+        self.marks.setdefault(name, at)
 
     def on_event(self, ev: pb.SessionEvent, echo: bool) -> None:
         now = time.perf_counter()
@@ -80,11 +85,17 @@ class DemoRun:
         elif kind == "transcript" and ev.transcript.final:
             if ev.transcript.speaker == "user":
                 self.user_text = ev.transcript.text
+                self.mark("final_transcript", now)
             if echo:
                 print(f"[{ev.transcript.speaker}] {ev.transcript.text}", flush=True)
         elif kind == "reply_text":
             self.reply_text += ev.reply_text.delta
+            self.mark("first_reply_text", now)
         elif kind == "turn":
+            names = {pb.TURN_KIND_USER_ENDED: "vad_end_of_turn", pb.TURN_KIND_REPLY_STARTED: "reply_started",
+                     pb.TURN_KIND_SPEECH_STARTED: "first_answer_frame"}
+            if ev.turn.kind in names:
+                self.mark(names[ev.turn.kind], now)
             if ev.turn.kind == pb.TURN_KIND_SPEECH_STARTED and self.answer_frame_at is None:
                 self.answer_frame_at = now
                 if echo:
@@ -168,9 +179,14 @@ async def drive_demo(address: str, out: Path, *, lead_in_s: float = 1.0, timeout
         shutil.copyfile(recording, out)
     latency = (run.answer_frame_at - run.speech_pushed_end
                if run.answer_frame_at is not None and run.speech_pushed_end is not None else None)
+    breakdown = {}
+    if run.speech_pushed_end is not None:
+        breakdown = {name: round(at - run.speech_pushed_end, 3) for name, at in
+                     sorted(run.marks.items(), key=lambda kv: kv[1])}
     return {"event": "done", "out": str(out) if recording else "", "session_id": sid,
             "user_said": run.user_text, "character_said": run.reply_text.strip(),
             "end_of_user_speech_to_first_answer_frame_s": None if latency is None else round(latency, 3),
+            "after_end_of_user_speech_s": breakdown,
             "fps_delivered": round(run.frames / wall, 2) if wall > 0 else None,
             "frames": run.frames, "chunks": ended.chunks_played, "weights": ended.weights}
 

@@ -34,6 +34,7 @@ from livestage.transport import NoRespondersError, StageMessage, Subjects
 MAX_PERSONA_CHARS = 4000
 MAX_USER_TEXT_CHARS = 4000
 MAX_BACKLOG_S = 20.0
+MAX_PARTIAL_S = 15.0
 
 
 class DialogueSettings(Settings):
@@ -102,10 +103,14 @@ class DialogueSession:
     listen_task: asyncio.Task | None = None
     subs: list[Any] = field(default_factory=list)
     turns: Any = None
-    transcriber: Any = None
     a2a: Any = None
     a2a_task: asyncio.Task | None = None
     in_speech: bool = False
+    utterance: list = field(default_factory=list)
+    utterance_samples: int = 0
+    partial_due: int = 0
+    partial_task: asyncio.Task | None = None
+    final_task: asyncio.Task | None = None
     backlog_samples: int = 0
     dropped_samples: int = 0
 
@@ -150,25 +155,35 @@ class DialogueSession:
             for event in await asyncio.to_thread(self.turns.push, samples):
                 if event.kind == "speech_started":
                     self.in_speech = True
-                    self.transcriber.reset()
+                    self.utterance, self.utterance_samples = [], 0
+                    self.partial_due = int(self.worker.settings.partial_every_s * self.sample_rate)
                     self.cancel_reply("user_started")
                     await self.send("turn", event="user_started", reply=self.reply_id)
                 elif event.kind == "speech_ended":
                     self.in_speech = False
                     await self.send("turn", event="user_ended", reply=self.reply_id,
                                     detail="truncated" if getattr(event, "truncated", False) else "")
-                    await self.finish_utterance(event.speech)
+                    # recognised off the listening path, so a barge-in right after is still heard
+                    self.final_task = asyncio.create_task(self.finish_utterance(event.speech))
             if self.in_speech:
-                partial = await asyncio.to_thread(self.transcriber.push, samples)
-                if partial:
-                    await self.send("transcript", text=partial, final=0, speaker="user")
+                self.utterance.append(samples)
+                self.utterance_samples += samples.size
+                if (self.utterance_samples >= self.partial_due and self.utterance_samples <= MAX_PARTIAL_S * self.sample_rate
+                        and (self.partial_task is None or self.partial_task.done())):
+                    self.partial_due = self.utterance_samples + int(self.worker.settings.partial_every_s * self.sample_rate)
+                    self.partial_task = asyncio.create_task(self.partial(np.concatenate(self.utterance)))
+
+    async def partial(self, audio: np.ndarray) -> None:
+        """A partial transcript of the utterance so far; never delays end-of-turn detection (it
+        runs beside the listening loop, at most one at a time)."""
+        text = (await asyncio.to_thread(self.worker.models.recognizer.transcribe, audio, self.sample_rate)).text.strip()
+        if text and self.in_speech:
+            await self.send("transcript", text=text, final=0, speaker="user")
 
     async def finish_utterance(self, speech: np.ndarray | None) -> None:
         if speech is None or speech.size == 0:
-            self.transcriber.reset()
             return
         text = (await asyncio.to_thread(self.worker.models.recognizer.transcribe, speech, self.sample_rate)).text.strip()
-        self.transcriber.reset()
         if not text:
             await self.send("turn", event="user_ended", reply=self.reply_id, detail="no words recognised")
             return
@@ -273,7 +288,7 @@ class DialogueSession:
 
     async def close(self) -> None:
         self.cancel_reply("session closed")
-        for task in (self.listen_task, self.a2a_task, self.reply_task):
+        for task in (self.listen_task, self.a2a_task, self.reply_task, self.partial_task, self.final_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -295,7 +310,7 @@ class DialogueWorker(SessionAttachedWorker[DialogueSession]):
         self.settings: DialogueSettings = proc.settings  # type: ignore[assignment]
 
     async def open_session(self, msg: StageMessage) -> tuple[DialogueSession, dict[str, str]]:
-        from livestage.speech import AudioToAudioClient, StreamingTranscriber, TurnDetector, VoiceActivityDetector
+        from livestage.speech import AudioToAudioClient, TurnDetector, VoiceActivityDetector
 
         persona = msg.meta.get("persona", "")
         if len(persona) > MAX_PERSONA_CHARS:
@@ -311,8 +326,6 @@ class DialogueWorker(SessionAttachedWorker[DialogueSession]):
         else:
             s.turns = TurnDetector(VoiceActivityDetector(), end_silence_ms=self.settings.vad_end_silence_ms,
                                    max_utterance_s=self.settings.max_utterance_s)
-            s.transcriber = StreamingTranscriber(self.models.recognizer,
-                                                 partial_every_s=self.settings.partial_every_s)
         s.subs = [await self.bus.subscribe(Subjects.session_user_audio(s.session_id), s.on_user_audio),
                   await self.bus.subscribe(Subjects.session_user_text(s.session_id), s.on_user_text)]
         s.listen_task = asyncio.create_task(s.listen())
