@@ -229,3 +229,48 @@ def test_the_main_job_leaves_an_mp4_and_latencies(talk_stack, tmp_path):
     assert summary["end_of_user_speech_to_first_answer_frame_s"] is not None
     assert 0 < summary["end_of_user_speech_to_first_answer_frame_s"] < 60
     assert summary["fps_delivered"] > 0 and "name" in summary["user_said"].lower()
+
+
+def test_viewer_tokens_are_subscribe_only_and_an_unreachable_livekit_is_a_clear_error(tmp_path):
+    from livekit import api
+
+    key, secret = "devkey", "livestage-test-secret-0123456789-abcdef"
+    env = {"LIVESTAGE_LIVEKIT_URL": "ws://127.0.0.1:9", "LIVESTAGE_LIVEKIT_PUBLIC_URL": "wss://live.example",
+           "LIVESTAGE_LIVEKIT_API_KEY": key, "LIVESTAGE_LIVEKIT_API_SECRET": secret}
+    with LocalStack(tmp_path / "lk", preset="tiny", env=env) as s:
+        s.start_stage("publisher", "publisher-1")
+        s.wait_for_workers({"publisher": 1}, timeout=60)
+
+        async def run():
+            channel, client = stub(s.session_address)
+            # the publisher cannot join a room on a LiveKit server that is not there
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.CreateSession(pb.CreateSessionRequest(character=character(), livekit_room="room-7"))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "publisher" in err.value.details()
+            s.services["publisher-1"].stop()
+            await asyncio.sleep(1.0)
+            sess = await client.CreateSession(pb.CreateSessionRequest(character=character(), livekit_room="room-7"))
+            assert sess.livekit_url == "wss://live.example"
+            tok = await client.CreateViewerToken(pb.ViewerTokenRequest(session_id=sess.session_id, identity="alice"))
+            claims = api.TokenVerifier(key, secret).verify(tok.token)
+            assert tok.room == "room-7" and tok.livekit_url == "wss://live.example"
+            assert claims.identity == "alice" and claims.video.room == "room-7" and claims.video.can_subscribe
+            assert not claims.video.can_publish and not claims.video.can_publish_data
+            for bad, field in ((pb.ViewerTokenRequest(session_id=sess.session_id), "identity"),
+                               (pb.ViewerTokenRequest(session_id=sess.session_id, identity="a", ttl_s=5), "ttl_s")):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.CreateViewerToken(bad)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+            await channel.close()
+
+        asyncio.run(run())
+
+
+async def test_viewer_tokens_need_livekit(talk_stack):
+    channel, client = stub(talk_stack.session_address)
+    sid = await _open(client)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.CreateViewerToken(pb.ViewerTokenRequest(session_id=sid, identity="alice"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "LIVESTAGE_LIVEKIT_URL" in err.value.details()
+    await client.EndSession(pb.SessionRef(session_id=sid))
+    await channel.close()

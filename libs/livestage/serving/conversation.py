@@ -35,6 +35,11 @@ TURN_KINDS = {"user_started": pb.TURN_KIND_USER_STARTED, "user_ended": pb.TURN_K
               "barge_in": pb.TURN_KIND_BARGE_IN, "speech_started": pb.TURN_KIND_SPEECH_STARTED}
 ATTACH_TIMEOUT_S = 15.0
 
+class AttachFailed(RuntimeError):
+    """A deployed dialogue/publisher worker refused or failed to take the session (e.g. the
+    LiveKit room cannot be joined); the message says which and why."""
+
+
 Emit = Callable[[pb.SessionEvent], Awaitable[None]]
 Interrupt = Callable[[str], Awaitable[int]]
 
@@ -73,7 +78,7 @@ class ConversationLink:
             _log.warning("stage_attach_timeout", stage=stage, session_id=self.session_id)
             return None
         if reply.kind != "opened":
-            raise RuntimeError(f"{stage}: {reply.meta.get('error', 'could not open the session')}")
+            raise AttachFailed(f"{stage}: {reply.meta.get('error', 'could not open the session')}")
         return reply
 
     async def open(self, dialogue_meta: dict[str, str], publisher_meta: dict[str, str]) -> None:
@@ -85,13 +90,17 @@ class ConversationLink:
             await self.bus.subscribe(Subjects.session_playback(sid), self._on_playback),
             await self.bus.subscribe(Subjects.session_commands(sid), self._on_command),
         ]
-        reply = await self._attach("dialogue", dialogue_meta)
-        if reply is not None:
-            self.dialogue_worker = reply.meta.get("worker_id", "")
-        reply = await self._attach("publisher", publisher_meta)
-        if reply is not None:
-            self.publisher_worker = reply.meta.get("worker_id", "")
-            self.recording = reply.meta.get("recording", "")
+        try:
+            reply = await self._attach("dialogue", dialogue_meta)
+            if reply is not None:
+                self.dialogue_worker = reply.meta.get("worker_id", "")
+            reply = await self._attach("publisher", publisher_meta)
+            if reply is not None:
+                self.publisher_worker = reply.meta.get("worker_id", "")
+                self.recording = reply.meta.get("recording", "")
+        except AttachFailed:
+            await self.close()  # a dialogue worker that did attach lets go again
+            raise
 
     async def close(self, last_chunk: int = -1, epoch: int = 0) -> None:
         """Ends the session on both workers; waits for the publisher to finish its recording

@@ -23,7 +23,7 @@ from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
 from livestage.runtime.session_runtime import ChunkDelivery, SessionRuntime
 from livestage.runtime.session_state import SessionState
-from livestage.serving.conversation import ConversationLink
+from livestage.serving.conversation import AttachFailed, ConversationLink
 from livestage.serving.distributed_pipeline import DistributedChunkPipeline, StageUnavailable
 from livestage.serving.process import ServiceProcess
 from livestage.state import CheckpointStore, SessionNotFound, SessionStore, WorkerRegistry
@@ -243,7 +243,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             live.runtime = SessionRuntime(session_id, p.chunk, pipeline, lookahead=lookahead,
                                           realtime=opts.realtime, events=self._events_for(live),
                                           on_chunk=self._on_chunk_for(live))
-            live.conversation = await self._converse(live, request, lookahead)
+            try:
+                live.conversation = await self._converse(live, request, lookahead)
+            except AttachFailed as exc:
+                await pipeline.close()
+                await self.store.delete(session_id)
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
             self.live[session_id] = live
             self.log.info("session_created", session_id=session_id, placement=pipeline.placement,
                           dialogue=live.conversation.dialogue_worker,
