@@ -17,7 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "livestage"
 VALUES = ["values.yaml", "values-cpu-dev.yaml", "values-gpu.yaml", "values-external.yaml"]
 MODEL = {"encoder", "generator", "refiner", "decoder"}
-STATEFUL = {"session", "generator", "refiner", "decoder"}
+STATEFUL = {"session", "generator", "refiner", "decoder", "dialogue", "publisher"}
+SERVICES = MODEL | STATEFUL | {"tts"}
+
+
+CRDS = {"monitoring.coreos.com/v1", "keda.sh/v1alpha1"}
 
 
 def render(values_file: str, overrides: dict | None = None) -> list[dict]:
@@ -31,13 +35,13 @@ def render(values_file: str, overrides: dict | None = None) -> list[dict]:
 
 def workloads(docs: list[dict]) -> dict[str, dict]:
     return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs
-            if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") in MODEL | {"session"}}
+            if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") in SERVICES}
 
 
 @pytest.mark.parametrize("values_file", VALUES)
 def test_rendered_manifests_validate_strictly(values_file, tmp_path):
     docs = render(values_file)
-    core = [d for d in docs if d["apiVersion"] != "monitoring.coreos.com/v1"]  # CRD: no schema here
+    core = [d for d in docs if d["apiVersion"] not in CRDS]  # CRDs: no schema here
     path = tmp_path / "rendered.yaml"
     path.write_text(yaml.safe_dump_all(core))
     tool = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) or "kubernetes-validate"
@@ -117,3 +121,19 @@ def test_docker_compose_validates_with_the_compose_v2_binary(tmp_path):
     broken.write_text((REPO / "docker-compose.yml").read_text().replace("services:", "servics:"))
     r = subprocess.run([str(binary), "-f", str(broken), "config", "-q"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0
+
+
+def test_keda_replaces_the_hpas_with_scaled_objects_on_the_same_signals():
+    docs = render("values-gpu.yaml", {"keda": {"enabled": True, "prometheusUrl": "http://prom:9090"}})
+    scaled = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == "ScaledObject"}
+    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert scaled and not hpas
+    gen = scaled["generator"]["spec"]
+    assert gen["scaleTargetRef"]["name"] == "rel-livestage-generator"
+    trigger = gen["triggers"][0]
+    assert trigger["type"] == "prometheus" and 'stage="generator"' in trigger["metadata"]["query"]
+    assert trigger["metadata"]["serverAddress"] == "http://prom:9090"
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in hpas} == set()
+    without = render("values-gpu.yaml")
+    assert [d for d in without if d["kind"] == "HorizontalPodAutoscaler"]
+    assert not [d for d in without if d["kind"] == "ScaledObject"]
