@@ -31,6 +31,9 @@ class LocalStack:
     triton: ManagedProcess | None = None
     conversation: bool = False
     """Also start the dialogue, tts and publisher services (the conversation loop)."""
+    playground: bool = False
+    """Also start the browser playground (`playground_port`)."""
+    playground_port: int = 0
 
     def base_env(self) -> dict[str, str]:
         assert self.nats and self.redis
@@ -81,6 +84,12 @@ class LocalStack:
                    "LIVESTAGE_WORKER_ID": "session-1"}
             self.services["session"] = start_service("session", env, self.workdir / "logs",
                                                      wait_port=self.session_port)
+            if self.playground:
+                self.playground_port = self.playground_port or free_port()
+                env = {**self.base_env(), "LIVESTAGE_SESSION_ADDRESS": self.session_address,
+                       "LIVESTAGE_PLAYGROUND_PORT": str(self.playground_port)}
+                self.services["playground"] = start_service("playground", env, self.workdir / "logs",
+                                                            wait_port=self.playground_port)
         except Exception:
             self.stop()
             raise

@@ -1,0 +1,1 @@
+"""The `playground` service (see livestage.playground)."""
