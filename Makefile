@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= demo
 
-.PHONY: setup demo test test-fast render up bench bench-model bench-pipeline bench-triton bench-speech verify-parity protos chart-check compose-check clean
+.PHONY: setup demo images test test-fast render up bench bench-model bench-pipeline bench-triton bench-speech verify-parity protos chart-check compose-check clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -49,6 +49,11 @@ chart-check: setup ## render the Helm chart with every values file and validate 
 
 compose-check: setup ## validate docker-compose.yml with the Compose v2 binary
 	@$$($(PY) -c 'import compose,os;print(os.path.join(os.path.dirname(compose.__file__),"docker-compose"))') -f docker-compose.yml config -q && echo "docker-compose.yml: valid"
+
+images: ## build the service images (needs a Docker engine): CPU, CUDA, Triton
+	docker build -t livestage:cpu .
+	docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t livestage:cuda .
+	docker build --target triton -t livestage:triton .
 
 clean:
 	rm -rf .work out
