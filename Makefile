@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= demo
 
-.PHONY: setup demo images test test-fast render up bench bench-model bench-pipeline bench-triton bench-speech verify-parity protos chart-check compose-check clean
+.PHONY: setup demo images test test-fast render up bench bench-model bench-pipeline bench-triton bench-speech bench-conversation verify-parity protos chart-check compose-check clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -30,7 +30,7 @@ up: setup ## the whole stack on loopback (nats, redis, every service) until Ctrl
 protos: setup ## regenerate the gRPC/protobuf code from protos/
 	@$(PY) -m livestage.protos
 
-bench: bench-model bench-pipeline bench-triton bench-speech ## every benchmark, numbers from one run each
+bench: bench-model bench-pipeline bench-triton bench-speech bench-conversation ## every benchmark, numbers from one run each
 
 bench-model: setup ## in-process: per-chunk latency per stage (median, p95) and real-time factor
 	@$(PY) loadtests/bench_model.py --presets tiny demo
@@ -43,6 +43,9 @@ bench-triton: setup ## the same stage engines in-process vs inside a Triton serv
 
 bench-speech: setup ## ASR word error rate and RTF, TTS RTF, LLM first token and tokens/s, VAD RTF
 	@$(PY) loadtests/bench_speech.py
+
+bench-conversation: setup ## whole stack: end of user speech -> first answer frame, barge-in latency
+	@$(PY) loadtests/bench_conversation.py --preset tiny --runs 3
 
 chart-check: setup ## render the Helm chart with every values file and validate it strictly
 	@$(PY) -m pytest -q -p no:cacheprovider tests/deploy -k "chart or values or pods or images or broken"

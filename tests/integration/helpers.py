@@ -73,3 +73,45 @@ class FramesListener:
 def stub(address: str) -> tuple[grpc.aio.Channel, session_pb2_grpc.SessionServiceStub]:
     channel = grpc.aio.insecure_channel(address)
     return channel, session_pb2_grpc.SessionServiceStub(channel)
+
+
+class BackgroundHttpServer:
+    """An aiohttp app served from its own thread and event loop, bound before anything uses it.
+
+    The endpoint a service is configured with must exist before the service starts: binding
+    first (port 0, then reading the real port) leaves no window in which another socket can take
+    a port that was only probed as free.
+    """
+
+    def __init__(self, app):
+        import threading
+
+        from aiohttp import web
+
+        self._app = app
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self.port = 0
+
+        async def serve() -> None:
+            self._runner = web.AppRunner(self._app)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the test HTTP server did not start")
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -57,12 +57,21 @@ class Events:
     def turns(self, turn_kind: int) -> list[pb.TurnEvent]:
         return [t for t in self.of("turn") if t.kind == turn_kind]
 
+    def errors(self) -> list[str]:
+        return [f"{e.code}: {e.message}" for e in self.of("error")]
+
     async def wait(self, predicate, timeout: float = 120.0) -> None:
+        """Until `predicate()` holds; a timeout fails with every error event the session sent."""
         async def loop():
             while not predicate():
                 self.changed.clear()
                 await self.changed.wait()
-        await asyncio.wait_for(loop(), timeout)
+        try:
+            await asyncio.wait_for(loop(), timeout)
+        except asyncio.TimeoutError:
+            kinds = [ev.WhichOneof("event") for _, ev in self.items]
+            raise AssertionError(f"not reached in {timeout:.0f} s; errors: {self.errors()}; "
+                                 f"{len(kinds)} events: {sorted(set(kinds))}") from None
 
 
 class SpeakAudioTap:

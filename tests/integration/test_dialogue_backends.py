@@ -11,50 +11,55 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from livestage.devstack import free_port
 from livestage.devstack.demo import SampleCharacter
 from livestage.devstack.stack import LocalStack
 from livestage.protos import session_pb2 as pb
 
-from .helpers import pcm16, stub
+from .helpers import BackgroundHttpServer, pcm16, stub
 from .test_conversation import Events, _open
 
 
-async def _serve(app: web.Application, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+CHAT_PIECES = ["My name is Ada", ". I love painting", " by the sea."]
 
 
-@pytest.fixture(scope="module")
-def openai_stack(tmp_path_factory):
-    port = free_port()
-    s = LocalStack(tmp_path_factory.mktemp("openai"), preset="tiny", conversation=True,
-                   env={"LIVESTAGE_DIALOGUE_BACKEND": "openai", "LIVESTAGE_LLM_BASE_URL": f"http://127.0.0.1:{port}/v1",
-                        "LIVESTAGE_LLM_MODEL": "test-model", "LIVESTAGE_LLM_API_KEY": "secret-key"})
-    s.start(timeout=240)
-    s.llm_port = port
-    yield s
-    s.stop()
+class FakeChatEndpoint:
+    """An OpenAI-compatible streaming chat endpoint that records what it was sent."""
 
+    def __init__(self):
+        self.requests: list[dict] = []
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.server = BackgroundHttpServer(app)
 
-async def test_replies_stream_from_an_openai_compatible_endpoint_and_are_spoken(openai_stack):
-    requests: list[dict] = []
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        requests.append({"auth": request.headers.get("Authorization"), **await request.json()})
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append({"auth": request.headers.get("Authorization"), **await request.json()})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for piece in ["My name is Ada", ". I love painting", " by the sea."]:
+        for piece in CHAT_PIECES:
             await resp.write(f"data: {json.dumps({'choices': [{'delta': {'content': piece}}]})}\n\n".encode())
             await asyncio.sleep(0.05)
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = await _serve(app, openai_stack.llm_port)
+
+@pytest.fixture(scope="module")
+def openai_stack(tmp_path_factory):
+    endpoint = FakeChatEndpoint()
+    s = LocalStack(tmp_path_factory.mktemp("openai"), preset="tiny", conversation=True,
+                   env={"LIVESTAGE_DIALOGUE_BACKEND": "openai",
+                        "LIVESTAGE_LLM_BASE_URL": f"http://127.0.0.1:{endpoint.server.port}/v1",
+                        "LIVESTAGE_LLM_MODEL": "test-model", "LIVESTAGE_LLM_API_KEY": "secret-key"})
+    try:
+        s.start(timeout=240)
+        s.endpoint = endpoint
+        yield s
+    finally:
+        s.stop()
+        endpoint.server.stop()
+
+
+async def test_replies_stream_from_an_openai_compatible_endpoint_and_are_spoken(openai_stack):
+    requests = openai_stack.endpoint.requests
     channel, client = stub(openai_stack.session_address)
     try:
         sid = await _open(client)
@@ -63,7 +68,7 @@ async def test_replies_stream_from_an_openai_compatible_endpoint_and_are_spoken(
         await client.SendText(pb.SendTextRequest(session_id=sid, text="Who are you?"))
         await events.wait(lambda: events.turns(pb.TURN_KIND_SPEECH_STARTED), timeout=120)
         text = "".join(r.delta for r in events.of("reply_text"))
-        assert text == "My name is Ada. I love painting by the sea."
+        assert text == "".join(CHAT_PIECES)
         sent = requests[0]
         assert sent["auth"] == "Bearer secret-key" and sent["stream"] is True and sent["model"] == "test-model"
         assert sent["messages"][0]["role"] == "system" and "Ada" in sent["messages"][0]["content"]
@@ -72,32 +77,27 @@ async def test_replies_stream_from_an_openai_compatible_endpoint_and_are_spoken(
         events.task.cancel()
     finally:
         await channel.close()
-        await runner.cleanup()
 
 
-@pytest.fixture(scope="module")
-def a2a_stack(tmp_path_factory):
-    port = free_port()
-    s = LocalStack(tmp_path_factory.mktemp("a2a"), preset="tiny", conversation=True,
-                   env={"LIVESTAGE_DIALOGUE_BACKEND": "a2a", "LIVESTAGE_A2A_URL": f"ws://127.0.0.1:{port}/a2a"})
-    s.start(timeout=240)
-    s.a2a_port = port
-    yield s
-    s.stop()
+class FakeAudioToAudio:
+    """An external audio-to-audio system over WebSocket: hears 2 s of the user, then answers
+    with a transcript, reply text and 2 s of a 220 Hz tone at 24 kHz as its speech."""
 
+    def __init__(self):
+        self.heard = bytearray()
+        app = web.Application()
+        app.router.add_get("/a2a", self.a2a)
+        self.server = BackgroundHttpServer(app)
 
-async def test_an_external_audio_to_audio_system_hears_the_user_and_speaks_for_the_character(a2a_stack):
-    heard = bytearray()
-    tone = (np.sin(np.arange(24000 * 2) * 2 * np.pi * 220 / 24000) * 12000).astype("<i2")
-
-    async def a2a(request: web.Request) -> web.WebSocketResponse:
+    async def a2a(self, request: web.Request) -> web.WebSocketResponse:
+        tone = (np.sin(np.arange(24000 * 2) * 2 * np.pi * 220 / 24000) * 12000).astype("<i2")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_str(json.dumps({"type": "format", "sample_rate": 24000}))
         answered = False
         async for msg in ws:
-            heard.extend(msg.data)
-            if len(heard) >= 2 * 16000 * 2 and not answered:  # 2 s of the user: answer
+            self.heard.extend(msg.data)
+            if len(self.heard) >= 2 * 16000 * 2 and not answered:  # 2 s of the user: answer
                 answered = True
                 await ws.send_str(json.dumps({"type": "transcript", "text": "hello there"}))
                 await ws.send_str(json.dumps({"type": "reply_text", "text": "Hi, I am Ada."}))
@@ -105,9 +105,24 @@ async def test_an_external_audio_to_audio_system_hears_the_user_and_speaks_for_t
                 await ws.send_str(json.dumps({"type": "end"}))
         return ws
 
-    app = web.Application()
-    app.router.add_get("/a2a", a2a)
-    runner = await _serve(app, a2a_stack.a2a_port)
+
+@pytest.fixture(scope="module")
+def a2a_stack(tmp_path_factory):
+    system = FakeAudioToAudio()
+    s = LocalStack(tmp_path_factory.mktemp("a2a"), preset="tiny", conversation=True,
+                   env={"LIVESTAGE_DIALOGUE_BACKEND": "a2a",
+                        "LIVESTAGE_A2A_URL": f"ws://127.0.0.1:{system.server.port}/a2a"})
+    try:
+        s.start(timeout=240)
+        s.system = system
+        yield s
+    finally:
+        s.stop()
+        system.server.stop()
+
+
+async def test_an_external_audio_to_audio_system_hears_the_user_and_speaks_for_the_character(a2a_stack):
+    heard = a2a_stack.system.heard
     channel, client = stub(a2a_stack.session_address)
     try:
         sid = await _open(client)
@@ -130,4 +145,3 @@ async def test_an_external_audio_to_audio_system_hears_the_user_and_speaks_for_t
         events.task.cancel()
     finally:
         await channel.close()
-        await runner.cleanup()
