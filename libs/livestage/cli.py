@@ -77,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path(".work/demo"))
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
 
+    train = sub.add_parser("train", help="the demo model's training recipe (resumable): data, VAE, "
+                                         "teacher, the four distillation stages, export")
+    train.add_argument("--preset", default="demo", help="demo (about 2 h on 2 CPU cores) or tiny")
+    train.add_argument("--workdir", type=Path, default=None, help="default .work/train/<preset>")
+    train.add_argument("--out", type=Path, default=None,
+                       help="where the weights go (default: the preset's shipped weights directory)")
+    train.add_argument("--until", default="export", help="stop after this stage")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=0)
+
+    evaluate = sub.add_parser("evaluate", help="quality report of the trained demo model (JSON + plots)")
+    evaluate.add_argument("--preset", default="demo")
+    evaluate.add_argument("--workdir", type=Path, default=None, help="default .work/train/<preset>")
+    evaluate.add_argument("--weights", type=Path, default=None, help="default: the shipped weights")
+    evaluate.add_argument("--out", type=Path, default=Path("docs/evaluation"))
+    evaluate.add_argument("--long-minutes", type=float, default=10.0)
+    evaluate.add_argument("--short-minutes", type=float, default=1.0)
+    evaluate.add_argument("--threads", type=int, default=0)
+
     ckpt = sub.add_parser("checkpoint", help="checkpoint tools")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     verify = ckpt_sub.add_parser("verify", help="compare our model with a reference parity archive")
@@ -91,7 +110,8 @@ def _emit(record: dict) -> None:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from livestage.media import MediaError, Mp4Writer, load_audio, load_image
-    from livestage.media.samples import sample_character, sample_speech
+    from livestage.media.audio import resample_audio
+    from livestage.media.samples import SampleCharacter
     from livestage.models.bundle import build_models
     from livestage.models.config import get_preset
     from livestage.runtime.pipeline import StreamingAvatar
@@ -103,12 +123,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     rate = preset.chunk.sample_rate
     try:
         if args.sample:
-            references = [("global", sample_character(size, seed=args.seed))]
-            speak = sample_speech(seconds=4.0, sample_rate=rate, seed=args.seed)
-            listen = np.zeros(rate * 2, dtype=np.float32)
-            listen = np.concatenate([sample_speech(2.0, rate, seed=args.seed + 1) * 0.8,
-                                     np.zeros(rate * 4, dtype=np.float32)])
-            speak = np.concatenate([np.zeros(rate * 2, dtype=np.float32), speak])
+            # the bundled character listens to the bundled question, then speaks the answer
+            sample = SampleCharacter.load()
+            references = sample.reference_images(size)
+            question, answer = sample.question, sample.answer
+            if rate != 16000:
+                question, answer = resample_audio(question, 16000, rate), resample_audio(answer, 16000, rate)
+            pause = np.zeros(rate // 2, dtype=np.float32)
+            listen = np.concatenate([question, np.zeros(pause.size + answer.size, np.float32)])
+            speak = np.concatenate([np.zeros(question.size, np.float32), pause, answer])
         else:
             if args.image is None or args.speak is None:
                 raise CliError("render needs --image and --speak (or --sample)")
@@ -170,6 +193,33 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_FAILED
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from livestage.training.recipe import STAGES, Recipe
+
+    if args.until not in STAGES:
+        raise CliError(f"--until must be one of {', '.join(STAGES)}, got {args.until!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = args.workdir or Path(".work/train") / args.preset
+    summary = Recipe(args.preset, workdir, out=args.out, seed=args.seed,
+                     log=lambda line: print(line, flush=True)).run(args.until)
+    _emit(summary)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from livestage.training.evaluation import EvaluationConfig, run_evaluation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = args.workdir or Path(".work/train") / args.preset
+    report = run_evaluation(args.preset, workdir, args.out, args.weights,
+                            EvaluationConfig(long_minutes=args.long_minutes, short_minutes=args.short_minutes),
+                            log=lambda line: print(line, flush=True))
+    _emit({"event": "done", "report": str(args.out / "report.json"), "summary": report.get("summary", {})})
+    return 0
+
+
 def cmd_triton_repo(args: argparse.Namespace) -> int:
     from livestage.serving.triton_repo import build_repository
 
@@ -196,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_demo(args.preset, args.out, args.workdir, args.timeout)
             return 0 if summary.get("out") else 1
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         if args.command == "checkpoint" and args.checkpoint_command == "verify":
             return cmd_checkpoint_verify(args)
     except CliError as exc:

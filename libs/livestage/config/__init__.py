@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     # model
     preset: str = "tiny"
     weights_dir: str = ""
-    """Directory of safetensors weights (the weights path); empty means seeded weights (dev only)."""
+    """Directory of safetensors weights (the weights path); empty means the preset's shipped
+    trained weights (`demo`), or seeded weights for presets that ship none (dev only)."""
     allow_seeded_weights: bool = True
     seed: int = 0
     backend: Literal["local", "triton"] = "local"

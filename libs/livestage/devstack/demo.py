@@ -14,38 +14,25 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from livestage.devstack.stack import LocalStack
-from livestage.media.audio import load_audio
+from livestage.media.samples import SampleCharacter
 from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
 
 FRAME_S = 0.1
 
 
-@dataclass
-class SampleCharacter:
-    name: str
-    persona: str
-    voice: str
-    image: bytes
-    question: np.ndarray
-    question_text: str
-
-    @classmethod
-    def load(cls) -> "SampleCharacter":
-        root = resources.files("livestage.media") / "sample_data"
-        spec = json.loads((root / "character.json").read_text())
-        with resources.as_file(root / spec["question"]["file"]) as wav:
-            question = load_audio(wav, 16000)
-        return cls(spec["name"], spec["persona"], spec["voice"],
-                   (root / spec["references"]["global"]).read_bytes(), question,
-                   spec["question"]["text"])
+def character_proto(character: SampleCharacter) -> pb.Character:
+    """The sample character as the session API takes it: every reference image, persona, voice."""
+    kinds = {"global": pb.REFERENCE_KIND_GLOBAL, "view": pb.REFERENCE_KIND_VIEW,
+             "expression": pb.REFERENCE_KIND_EXPRESSION}
+    return pb.Character(references=[pb.ReferenceImage(kind=kinds[k], image=data) for k, data in character.references],
+                        persona=character.persona, voice=character.voice)
 
 
 def speech_end_s(samples: np.ndarray, rate: int = 16000) -> float:
@@ -144,9 +131,7 @@ async def drive_demo(address: str, out: Path, *, lead_in_s: float = 1.0, timeout
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         stub = session_pb2_grpc.SessionServiceStub(ch)
         session = await stub.CreateSession(pb.CreateSessionRequest(
-            character=pb.Character(references=[pb.ReferenceImage(kind=pb.REFERENCE_KIND_GLOBAL,
-                                                                 image=character.image)],
-                                   persona=character.persona, voice=character.voice),
+            character=character_proto(character),
             livekit_room="livestage-demo", options=pb.SessionOptions(seed=0, realtime=True)))
         sid = session.session_id
         events = stub.StreamEvents(pb.SessionRef(session_id=sid))

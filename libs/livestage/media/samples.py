@@ -1,15 +1,60 @@
-"""Bundled sample inputs made procedurally: a character portrait and a speech-like voice.
+"""Bundled sample inputs: the sample character, and procedural stand-ins for tests.
 
-Nothing is downloaded: the sample character is drawn with Pillow and the voice is a synthetic
-glottal-pulse signal with syllable-rate loudness and a moving pitch, enough to drive the audio
-conditions and the mouth with something that sounds and looks like speech rhythm.
+- `SampleCharacter`: the character every demo uses (`sample_data/`): Ada, a renderer identity
+  the shipped demo model was trained with (`livestage.training.dataset.SAMPLE_IDENTITY_SEED`),
+  with her reference images (portrait, two views, three expressions), persona, a spoken question
+  (the user's side) and a spoken answer (Piper speech, for rendering without the TTS service).
+- `sample_character` / `sample_speech`: a portrait drawn with Pillow and a synthetic
+  glottal-pulse voice with syllable-rate loudness, for tests and benchmarks that need an input
+  of any size without files.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from importlib import resources
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from livestage.media.audio import load_audio
+from livestage.media.image import decode_image
+
+
+@dataclass
+class SampleCharacter:
+    name: str
+    persona: str
+    voice: str
+    references: list[tuple[str, bytes]]  # (kind, encoded image), the global portrait first
+    question: np.ndarray  # 16 kHz mono
+    question_text: str
+    answer: np.ndarray
+    answer_text: str
+
+    @property
+    def image(self) -> bytes:
+        """The global portrait (PNG bytes)."""
+        return self.references[0][1]
+
+    @classmethod
+    def load(cls) -> "SampleCharacter":
+        root = resources.files("livestage.media") / "sample_data"
+        spec = json.loads((root / "character.json").read_text())
+
+        def audio(name: str) -> np.ndarray:
+            with resources.as_file(root / spec[name]["file"]) as wav:
+                return load_audio(wav, 16000)
+
+        refs = [(r["kind"], (root / r["file"]).read_bytes()) for r in spec["references"]]
+        return cls(spec["name"], spec["persona"], spec["voice"], refs, audio("question"),
+                   spec["question"]["text"], audio("answer"), spec["answer"]["text"])
+
+    def reference_images(self, size: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
+        """The references decoded to [3, H, W] in [-1, 1] at `size`."""
+        return [(kind, decode_image(data, size, name=f"sample {kind}")) for kind, data in self.references]
 
 
 def sample_character(size: tuple[int, int], seed: int = 0) -> torch.Tensor:

@@ -2,12 +2,18 @@
 
 Weights come from a directory holding one safetensors file per model (`backbone.safetensors`,
 `refiner.safetensors`, `vae.safetensors`, `audio_encoder.safetensors`, `text_encoder.safetensors`).
-Without a directory, and only when the caller allows it, every model gets a seeded deterministic
-initialisation, labelled `seeded:<seed>` in `AvatarModels.sources` and in the logs.
+Without a directory, a preset whose trained weights ship with the package (`demo`, made by
+`livestage train`, in `livestage/models/trained/<preset>/`) loads those; any other preset, and
+only when the caller allows it, gets a seeded deterministic initialisation, labelled
+`seeded:<seed>` in `AvatarModels.sources` and in the logs.
+
+The VAE's per-channel latent statistics are not parameters of the reference layout; a trained
+VAE file carries them in its safetensors metadata (`latent_mean`, `latent_std`, JSON lists).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +26,7 @@ from livestage.models.config import ModelPreset, get_preset
 from livestage.models.dit import WanDiT, is_extra_key
 from livestage.models.text import CachedTextEncoder, HashedTextEncoder
 from livestage.models.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, CausalVideoVAE
-from livestage.models.weights import WeightsError, WeightsSource, load_weights, seeded_init
+from livestage.models.weights import WeightsError, WeightsSource, load_weights, read_metadata, seeded_init
 
 log = logging.getLogger("livestage.models.bundle")
 
@@ -31,6 +37,27 @@ WEIGHT_FILES = {
     "audio_encoder": "audio_encoder.safetensors",
     "text_encoder": "text_encoder.safetensors",
 }
+
+TRAINED_ROOT = Path(__file__).resolve().parent / "trained"
+
+
+def shipped_weights_dir(preset: str) -> Path | None:
+    """The directory of trained weights shipped for `preset`, if every weight file is there."""
+    root = TRAINED_ROOT / preset
+    if all((root / name).is_file() for name in WEIGHT_FILES.values()):
+        return root
+    return None
+
+
+def _latent_stats(path: Path) -> tuple[list[float], list[float]] | None:
+    meta = read_metadata(path)
+    if "latent_mean" not in meta or "latent_std" not in meta:
+        return None
+    try:
+        return json.loads(meta["latent_mean"]), json.loads(meta["latent_std"])
+    except ValueError:
+        raise WeightsError(f"{path}: latent_mean/latent_std metadata is not a JSON list") from None
+
 
 # Seeds of the individual models derive from one session-independent seed, so the backbone
 # and the refiner never share weights by accident.
@@ -80,6 +107,8 @@ def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = Non
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
+    if weights_dir is None:
+        weights_dir = shipped_weights_dir(preset.name)
     if weights_dir is None and not allow_seeded:
         raise WeightsError(
             f"no weights directory given for preset {preset.name} and seeded weights are not allowed"
@@ -103,7 +132,10 @@ def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = Non
         allow = is_extra_key if (allow_base_wan and name in ("backbone", "refiner")) else None
         sources[name] = load_weights(module, path, allow_missing=allow)
     vae: CausalVideoVAE = modules["vae"]  # type: ignore[assignment]
-    if preset.vae.z_dim == len(WAN21_LATENT_MEAN) and weights_dir is not None and preset.name in (
+    stats = _latent_stats(Path(weights_dir) / WEIGHT_FILES["vae"]) if weights_dir is not None else None
+    if stats is not None:
+        vae.set_latent_stats(torch.tensor(stats[0]), torch.tensor(stats[1]))
+    elif preset.vae.z_dim == len(WAN21_LATENT_MEAN) and weights_dir is not None and preset.name in (
             "wan-1.3b", "lpm-14b"):
         vae.set_latent_stats(torch.tensor(WAN21_LATENT_MEAN), torch.tensor(WAN21_LATENT_STD))
     for module in modules.values():

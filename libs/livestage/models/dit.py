@@ -392,17 +392,24 @@ class WanDiT(nn.Module):
         ))
 
     def audio_context(self, speak: torch.Tensor | None, listen: torch.Tensor | None,
-                      latent_frames: int, tokens_per_frame: int, batch: int = 1) -> AudioContext:
+                      latent_frames: int, tokens_per_frame: int, batch: int = 1,
+                      chunks: int = 1) -> AudioContext:
         """Embeds one chunk's audio window features [B, A, audio_dim] and builds the windows.
 
         The window's last `frames_per_chunk` audio frames belong to the current chunk; latent
         frame j covers `r = frames_per_chunk / latent_frames` video frames. Speak attention sees
         those frames +-speak_window (lips follow the current sound); listen sees +-listen_window,
         reaching back into the 2 s of history (reactions build up over time).
+
+        `chunks > 1` is the same for a run of consecutive chunks seen at once (the bidirectional
+        teacher): the window then holds the 2 s of history plus all of them, and `latent_frames`
+        counts the latent frames of the whole run.
         """
         if self.chunk is None or not self.config.audio_dim:
             raise ValueError("audio conditioning needs audio_dim > 0 and a ChunkConfig")
-        a_frames = self.chunk.audio_window_frames
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        a_frames = self.chunk.frames_per_chunk * (self.chunk.audio_history_chunks + chunks)
         c = self.config
         ref = self.speak_embedding[0].weight
         feats = []
@@ -414,9 +421,9 @@ class WanDiT(nn.Module):
                     f"{name} audio features must be [B, {a_frames}, {c.audio_dim}], got {tuple(f.shape)}"
                 )
             feats.append(f.to(ref.dtype))
-        fpc = self.chunk.frames_per_chunk
-        r = fpc / latent_frames
-        start = a_frames - fpc
+        current = self.chunk.frames_per_chunk * chunks
+        r = current / latent_frames
+        start = a_frames - current
         centers = start + (torch.arange(latent_frames, dtype=torch.float64) + 0.5) * r - 0.5
         dist = (torch.arange(a_frames, dtype=torch.float64)[None, :] - centers[:, None]).abs()
         half = (r - 1) / 2

@@ -96,7 +96,7 @@ class ChunkKVCache:
         )
         self.reference: ReferenceKV | None = None
         self._version = 0
-        self._view: tuple[int, RotaryViews] | None = None
+        self._view: tuple[tuple[int, bool], RotaryViews] | None = None
 
     # -- content ---------------------------------------------------------------------------
     def append(self, chunk: CachedChunk) -> None:
@@ -178,10 +178,13 @@ class ChunkKVCache:
         The backbone runs two denoising steps per chunk against the same history: rotating the
         cached keys once per chunk instead of once per step halves that work.
         """
-        if self._view is not None and self._view[0] == self._version:
+        # Keyed by grad mode too: views built without autograd must not be reused by a pass that
+        # trains through the reference tokens (training runs both kinds against one cache).
+        key = (self._version, torch.is_grad_enabled())
+        if self._view is not None and self._view[0] == key:
             return self._view[1]
         view = RotaryViews.build(self, rotary)
-        self._view = (self._version, view)
+        self._view = (key, view)
         return view
 
 

@@ -49,6 +49,20 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"cannot read safetensors file {path}: {exc}") from None
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} when it has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read safetensors file {path}: {exc}") from None
+
+
 def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
                      allow_missing: Callable[[str], bool] | None = None) -> list[str]:
     """Strict comparison of `state` against `module`; returns the allowed-missing keys.

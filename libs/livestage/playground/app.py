@@ -103,15 +103,13 @@ class Playground:
                             content_type="text/html")
 
     async def create(self, request: web.Request) -> web.Response:
-        from livestage.devstack.demo import SampleCharacter
+        from livestage.devstack.demo import SampleCharacter, character_proto
 
         assert self.client is not None
         sample = SampleCharacter.load()
         try:
             s = await self.client.CreateSession(pb.CreateSessionRequest(
-                character=pb.Character(references=[pb.ReferenceImage(kind=pb.REFERENCE_KIND_GLOBAL,
-                                                                     image=sample.image)],
-                                       persona=sample.persona, voice=sample.voice),
+                character=character_proto(sample),
                 livekit_room="playground", options=pb.SessionOptions(realtime=True)))
             await self.client.StartSession(pb.SessionRef(session_id=s.session_id))
         except grpc.aio.AioRpcError as exc:

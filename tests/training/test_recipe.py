@@ -1,0 +1,250 @@
+"""The training recipe on `tiny`: every stage runs, learns, checkpoints, resumes, and exports
+weights that the model bundle loads strictly and the streaming pipeline runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from livestage.models.bundle import build_models
+from livestage.models.config import get_preset
+from livestage.models.dit import WanDiT
+from livestage.models.sampler import FlowMatchSchedule
+from livestage.models.vae import CausalVideoVAE
+from livestage.models.weights import read_metadata, seeded_init
+from livestage.runtime.pipeline import StreamingAvatar
+from livestage.training.conditions import ConditionBuilder, Window
+from livestage.training.dataset import LatentDataset, RenderedDataset
+from livestage.training.distillation import (
+    TeacherScoring,
+    _Students,
+    history_chunks,
+    make_fake_critic,
+)
+from livestage.training.loop import read_losses
+from livestage.training.recipe import STAGES, Recipe, RecipeConfig
+from livestage.training.teacher import clip_conditions, clip_flow, reference_views, sigma_grid
+from livestage.training.teacher_training import TeacherTrainingConfig, train_teacher
+from livestage.training.vae_training import (
+    VAETrainingConfig,
+    init_for_training,
+    reconstruction_loss,
+    sample_segments,
+    train_vae,
+)
+
+PRESET = get_preset("tiny")
+HW = (PRESET.latent_height, PRESET.latent_width)
+
+
+def test_every_stage_ran_and_the_export_loads_strictly_and_streams(tiny_recipe):
+    recipe, summary = tiny_recipe
+    for name in ("vae", "teacher", "stage1_ode", "stage2_dmd_offpolicy", "stage3_dmd_onpolicy", "stage4_refiner"):
+        stage_dir = recipe.workdir / name
+        assert (stage_dir / "state.pt").is_file() and (stage_dir / "losses.png").is_file()
+        assert len(read_losses(stage_dir / "losses.jsonl")) == json.loads((stage_dir / "done.json").read_text())["steps"]
+    out = recipe.out
+    meta = read_metadata(out / "vae.safetensors")
+    mean, std = json.loads(meta["latent_mean"]), json.loads(meta["latent_std"])
+    assert len(mean) == PRESET.vae.z_dim and all(s > 0 for s in std)
+    models = build_models("tiny", out, allow_seeded=False)
+    assert not models.seeded and all(str(s).startswith("file:") for s in models.sources.values())
+    assert torch.allclose(models.vae.latent_std, torch.tensor(std))
+    # the exported students are not the teacher any more: distillation changed them
+    teacher = WanDiT(PRESET.dit, PRESET.chunk)
+    from livestage.models.weights import load_weights
+
+    load_weights(teacher, out / "teacher.safetensors")
+    diff = sum((a - b).abs().sum().item() for a, b in zip(teacher.parameters(), models.refiner.parameters()))
+    assert diff > 0
+    avatar = StreamingAvatar(models, [("global", torch.zeros(3, PRESET.height, PRESET.width))])
+    avatar.push_speak_audio(np.zeros(PRESET.chunk.samples_per_chunk * 2, np.float32))
+    frames = [avatar.step().frames for _ in range(2)]
+    assert all(f.shape == (PRESET.chunk.frames_per_chunk, PRESET.height, PRESET.width, 3) for f in frames)
+    record = json.loads((out / "recipe.json").read_text())
+    assert set(record["stages"]) == {"vae", "teacher", "stage1", "stage2", "stage3", "stage4"}
+
+
+def test_a_finished_recipe_is_skipped_and_a_stage_resumes_from_its_checkpoint(tiny_recipe):
+    recipe, _ = tiny_recipe
+    stage_dir = recipe.workdir / "stage4_refiner"
+    rows_before = len(read_losses(stage_dir / "losses.jsonl"))
+    again = Recipe("tiny", recipe.workdir, out=recipe.out, log=lambda line: None).run()
+    assert len(read_losses(stage_dir / "losses.jsonl")) == rows_before  # nothing re-trained
+    assert again["stages"]["stage4"]["steps"] == rows_before
+    # an interrupted stage: more steps asked for than were checkpointed -> continues, not restarts
+    cfg = RecipeConfig.for_preset("tiny")
+    cfg.distill.stage4_steps = rows_before + 3
+    (stage_dir / "done.json").unlink()
+    Recipe("tiny", recipe.workdir, cfg, out=recipe.workdir / "export2", log=lambda line: None).run()
+    steps = [r["step"] for r in read_losses(stage_dir / "losses.jsonl")]
+    assert steps == list(range(rows_before + 3))
+
+
+def test_vae_training_lowers_its_reconstruction_loss(tiny_recipe, tmp_path):
+    recipe, _ = tiny_recipe
+    data = RenderedDataset(recipe.workdir / "rendered")
+    vae = CausalVideoVAE(PRESET.vae)
+    seeded_init(vae, 5)
+    init_for_training(vae)
+    fixed = sample_segments(data, np.random.default_rng(3), 4, 5, 16, PRESET.height, PRESET.width)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return reconstruction_loss(vae.decode(vae.encode(fixed)), fixed, 2.0, 0.2)[0].item()
+
+    before = loss()
+    train_vae(vae, data, tmp_path, VAETrainingConfig(steps=40, batch=4, crop=16, lr=2e-3, checkpoint_every=40))
+    assert loss() < 0.8 * before
+
+
+def _builder(recipe) -> ConditionBuilder:
+    from livestage.models.audio import LogMelAudioEncoder
+    from livestage.models.text import HashedTextEncoder
+
+    data = LatentDataset.load(recipe.workdir / "latents.pt")
+    audio = LogMelAudioEncoder(PRESET.dit.audio_dim, PRESET.chunk.fps, PRESET.chunk.sample_rate)
+    text = HashedTextEncoder(PRESET.text_vocab_size, PRESET.dit.text_dim, PRESET.text_max_tokens)
+    seeded_init(audio, 1)
+    seeded_init(text, 2)
+    return ConditionBuilder(data, PRESET, audio, text)
+
+
+def test_teacher_training_lowers_the_flow_matching_loss(tiny_recipe, tmp_path):
+    recipe, _ = tiny_recipe
+    builder = _builder(recipe)
+    teacher = WanDiT(PRESET.dit, PRESET.chunk)
+    seeded_init(teacher, 3)
+    windows = [Window(0, 0, 2), Window(1, 3, 2)]
+    x0 = builder.latents(windows)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = torch.tensor([0.3, 0.7])[:, None].expand(2, x0.shape[2])
+
+    def loss() -> float:
+        with torch.no_grad():
+            speak, listen = builder.audio_features(windows)
+            refs = builder.references(windows, [0])
+            cond = clip_conditions(teacher, builder.text(["", ""]), speak, listen,
+                                   reference_views(teacher, refs, HW, 2), 2, HW)
+            s = sigma[:, None, :, None, None]
+            flow = clip_flow(teacher, (1 - s) * x0 + s * noise, sigma, cond)
+            return (flow - (noise - x0)).pow(2).mean().item()
+
+    before = loss()
+    train_teacher(teacher, builder, tmp_path, TeacherTrainingConfig(steps=60, batch=4, lr=2e-3, checkpoint_every=60),
+                  HW, log=lambda line: None)
+    assert loss() < 0.9 * before
+
+
+def test_the_teacher_sigma_grid_passes_through_the_students_timesteps():
+    schedule = FlowMatchSchedule(PRESET.sampler)
+    grid = sigma_grid(schedule, 16)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in zip(grid, grid[1:]))
+    for t in (*PRESET.sampler.backbone_timesteps, PRESET.sampler.refiner_timestep):
+        assert min(abs(g - schedule.sigma(t)) for g in grid) < 1e-9
+
+
+def test_stage1_regression_onto_teacher_trajectories_lowers_its_loss(tiny_recipe, tmp_path):
+    import copy
+
+    from livestage.models.weights import load_weights
+    from livestage.training.distillation import ALL_REFERENCES, DistillationConfig, TeacherSequences, train_ode_init
+    from livestage.training.distillation import NoisyHistoryCache
+
+    recipe, _ = tiny_recipe
+    builder = _builder(recipe)
+    load_weights(builder.audio_encoder, recipe.out / "audio_encoder.safetensors")
+    load_weights(builder.text_encoder, recipe.out / "text_encoder.safetensors")
+    teacher = WanDiT(PRESET.dit, PRESET.chunk)
+    load_weights(teacher, recipe.out / "teacher.safetensors")
+    seqs = TeacherSequences.load(recipe.workdir / "teacher_sequences.pt")
+    students = _Students(PRESET, builder, HW)
+    backbone = copy.deepcopy(teacher)
+    idx, k = [0, 1], 6  # chunk 6: sinks full and the window sliding
+
+    def loss() -> float:
+        with torch.no_grad():
+            clips = [seqs.clips[i] for i in idx]
+            refs = builder.references([Window(c, 0, 1) for c in clips], ALL_REFERENCES)
+            cache = students.new_cache(backbone, NoisyHistoryCache, refs)
+            students.replay_history(backbone, cache, clips, k, lambda j: seqs.batch(idx, "at_t1", j), students.t1)
+            cond = students.conditions.for_model(backbone, clips, k).student
+            pred, _ = students.x0(backbone, seqs.batch(idx, "noise", k), students.t0, cond, cache)
+            return torch.nn.functional.mse_loss(pred, seqs.batch(idx, "clean", k)).item()
+
+    before = loss()
+    train_ode_init(backbone, seqs, students, tmp_path, DistillationConfig(batch=2, stage1_steps=40, lr=1e-3,
+                                                                        checkpoint_every=40), log=lambda line: None)
+    assert loss() < 0.8 * before
+
+
+def test_history_replay_matches_what_the_streaming_cache_holds():
+    # 3 sinks + 2 window chunks: when chunk 7 is generated the cache holds 0, 1, 2, 5, 6
+    assert history_chunks(7, 3, 2) == [0, 1, 2, 5, 6]
+    assert history_chunks(2, 3, 2) == [0, 1]
+    assert history_chunks(0, 3, 2) == []
+    assert history_chunks(4, 0, 5) == [0, 1, 2, 3]
+
+
+def test_dmd_gradient_is_zero_when_the_fake_score_equals_the_teacher_and_points_to_the_teacher(tiny_recipe):
+    recipe, _ = tiny_recipe
+    builder = _builder(recipe)
+    teacher = WanDiT(PRESET.dit, PRESET.chunk)
+    seeded_init(teacher, 4)
+    scoring = TeacherScoring(teacher, make_fake_critic(teacher), builder, FlowMatchSchedule(PRESET.sampler),
+                             guidance=1.0, latent_hw=HW, sigma_shift=3.0)
+    clips, k = [0, 1], 2
+    refs = builder.references([Window(c, 0, 1) for c in clips], [0])
+    previous = builder.latents([Window(c, k - 1, 1) for c in clips])
+    x0 = builder.latents([Window(c, k, 1) for c in clips]).requires_grad_(True)
+    loss, parts = scoring.dmd_loss(x0, clips, k, refs, previous, None, np.random.default_rng(0))
+    assert loss.item() == 0.0 and parts["gap_to_teacher"] > 0
+    # a fake score that differs: the update moves x0 along (teacher x0 - fake x0)
+    with torch.no_grad():
+        for p in scoring.fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, _ = scoring.dmd_loss(x0, clips, k, refs, previous, None, np.random.default_rng(0))
+    loss.backward()
+    assert loss.item() > 0 and x0.grad is not None and x0.grad.abs().sum() > 0
+
+
+def test_the_fake_critic_learns_the_generators_outputs(tiny_recipe):
+    recipe, _ = tiny_recipe
+    builder = _builder(recipe)
+    teacher = WanDiT(PRESET.dit, PRESET.chunk)
+    seeded_init(teacher, 4)
+    scoring = TeacherScoring(teacher, make_fake_critic(teacher), builder, FlowMatchSchedule(PRESET.sampler),
+                             guidance=1.0, latent_hw=HW, sigma_shift=3.0)
+    clips, k = [0, 1], 1
+    refs = builder.references([Window(c, 0, 1) for c in clips], [0])
+    previous = builder.latents([Window(c, 0, 1) for c in clips])
+    generated = builder.latents([Window(c, 1, 1) for c in clips])
+    opt = torch.optim.Adam(scoring.fake.parameters(), 2e-3)
+
+    def loss(seed: int) -> float:
+        return scoring.critic_loss(generated, clips, k, refs, previous, None, np.random.default_rng(seed))
+
+    with torch.no_grad():
+        before = np.mean([loss(s).item() for s in range(4)])
+    for i in range(40):
+        opt.zero_grad()
+        loss(100 + i).backward()
+        opt.step()
+    with torch.no_grad():
+        after = np.mean([loss(s).item() for s in range(4)])
+    assert after < 0.9 * before
+
+
+def test_the_rollout_stages_train_through_the_streaming_caches(tiny_recipe):
+    recipe, _ = tiny_recipe
+    rows = read_losses(recipe.workdir / "stage3_dmd_onpolicy" / "losses.jsonl")
+    # sessions advance one chunk per step: chunk indices run 0..7 then start over, so the cache
+    # filled its sinks and slid its window
+    chunks = [int(r["chunk"]) for r in rows]
+    assert chunks[:8] == list(range(8)) and max(chunks) == 7
+    assert all(np.isfinite(r["dmd"]) and np.isfinite(r["critic"]) for r in rows)
+    refiner_rows = read_losses(recipe.workdir / "stage4_refiner" / "losses.jsonl")
+    assert all(r["coarse_to_refined"] > 0 for r in refiner_rows)
