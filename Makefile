@@ -4,7 +4,7 @@ VENV := .work/venv
 PY := $(VENV)/bin/python
 PRESET ?= demo
 
-.PHONY: setup demo images test test-fast render up bench bench-model bench-pipeline bench-triton bench-speech bench-conversation verify-parity protos chart-check compose-check clean
+.PHONY: setup demo images test test-fast render train evaluate up bench bench-model bench-pipeline bench-triton bench-speech bench-conversation verify-parity protos chart-check compose-check clean
 
 setup: ## create .work/venv with every dependency (idempotent)
 	@bash scripts/setup_env.sh
@@ -20,6 +20,12 @@ demo: setup ## the main job: the whole stack, the sample character asked the sam
 
 render: setup ## in-process on the embedded default: a sample character answering a sample voice
 	@$(PY) -m livestage.cli render --preset $(PRESET) --sample --out out/render.mp4
+
+train: setup ## the demo model's training recipe (resumable, about 2 h on 2 CPU cores) -> livestage/models/trained/demo
+	@$(PY) -m livestage.cli train --preset $(PRESET)
+
+evaluate: setup ## quality report of the trained model (lip sync, listening, identity drift, artefacts, cost) -> docs/evaluation
+	@$(PY) -m livestage.cli evaluate --preset $(PRESET) --out docs/evaluation
 
 verify-parity: setup ## check our DiT and VAE against the shared Wan2.1 reference cases
 	@for f in ../shared/parity/*.safetensors; do $(PY) -m livestage.cli checkpoint verify $$f || exit 1; done

@@ -15,7 +15,13 @@ from livestage.models.kv_cache import ChunkKVCache
 from livestage.models.rope import Rotary3D, apply_rotary, grid_positions
 from livestage.models.weights import WeightsError, load_weights, save_weights, seeded_init
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module; kept per test so other modules (training) keep autograd."""
+    with torch.no_grad():
+        yield
 
 LATENT = 4  # latent height/width -> 2x2 tokens per latent frame with patch (1, 2, 2)
 

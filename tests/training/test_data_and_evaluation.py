@@ -154,7 +154,7 @@ def test_evaluation_report_on_the_tiny_recipe(tiny_recipe, tmp_path):
     assert runs["distilled_sinks_10min"]["frames"] == round(0.4 * 60) * fps
     assert runs["teacher_1min"]["nfe_per_chunk"] == 8 and runs["distilled_sinks_10min"]["nfe_per_chunk"] == 4
     assert report["summary"]["compute_ratio_teacher_over_distilled"]["nfe"] == 2.0
-    for name in ("identity_drift.png", "lip_sync.png", "frames_gt_teacher_distilled.png"):
+    for name in ("identity_drift.png", "lip_sync.png", "frames_gt_teacher_distilled.png", "before_after.png"):
         assert Image.open(tmp_path / name).size[0] > 100
 
 

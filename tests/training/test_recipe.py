@@ -24,7 +24,7 @@ from livestage.training.distillation import (
     make_fake_critic,
 )
 from livestage.training.loop import read_losses
-from livestage.training.recipe import STAGES, Recipe, RecipeConfig
+from livestage.training.recipe import Recipe, RecipeConfig
 from livestage.training.teacher import clip_conditions, clip_flow, reference_views, sigma_grid
 from livestage.training.teacher_training import TeacherTrainingConfig, train_teacher
 from livestage.training.vae_training import (
@@ -41,7 +41,7 @@ HW = (PRESET.latent_height, PRESET.latent_width)
 
 def test_every_stage_ran_and_the_export_loads_strictly_and_streams(tiny_recipe):
     recipe, summary = tiny_recipe
-    for name in ("vae", "teacher", "stage1_ode", "stage2_dmd_offpolicy", "stage3_dmd_onpolicy", "stage4_refiner"):
+    for name in ("vae", "vae_stream", "teacher", "stage1_ode", "stage2_dmd_offpolicy", "stage3_dmd_onpolicy", "stage4_refiner"):
         stage_dir = recipe.workdir / name
         assert (stage_dir / "state.pt").is_file() and (stage_dir / "losses.png").is_file()
         assert len(read_losses(stage_dir / "losses.jsonl")) == json.loads((stage_dir / "done.json").read_text())["steps"]
@@ -162,7 +162,10 @@ def test_stage1_regression_onto_teacher_trajectories_lowers_its_loss(tiny_recipe
     load_weights(teacher, recipe.out / "teacher.safetensors")
     seqs = TeacherSequences.load(recipe.workdir / "teacher_sequences.pt")
     students = _Students(PRESET, builder, HW)
+    # a student that does not start at the teacher (whose tiny head is still near its zero init,
+    # so a copy would already sit on the trajectories): the regression must pull it there
     backbone = copy.deepcopy(teacher)
+    seeded_init(backbone, 5)
     idx, k = [0, 1], 6  # chunk 6: sinks full and the window sliding
 
     def loss() -> float:

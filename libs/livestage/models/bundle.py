@@ -98,16 +98,19 @@ def _audio_encoder(preset: ModelPreset, audio_model_dir: Path | None) -> nn.Modu
 def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = None, *,
                  seed: int = 0, allow_seeded: bool = True, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, allow_base_wan: bool = False,
-                 audio_model_dir: str | Path | None = None, compile: bool = False) -> AvatarModels:
+                 audio_model_dir: str | Path | None = None, compile: bool = False,
+                 use_shipped: bool = True) -> AvatarModels:
     """Builds and loads every model of `preset`.
 
+    Without `weights_dir`, the preset's shipped trained weights are used if there are any
+    (`use_shipped=False` skips them: the seeded baseline of a trained preset).
     `allow_seeded=False` (production) turns a missing weights directory into an error instead of
     random weights. `allow_base_wan=True` lets a plain Wan2.1 checkpoint fill the DiTs, leaving
     LiveStage's extra modules at their initialisation (logged).
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
-    if weights_dir is None:
+    if weights_dir is None and use_shipped:
         weights_dir = shipped_weights_dir(preset.name)
     if weights_dir is None and not allow_seeded:
         raise WeightsError(

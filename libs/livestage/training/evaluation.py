@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -332,8 +333,44 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
     report["summary"] = summarise(runs)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_report(runs, dm, nm, tm, gt, long, out)
+    before_after(preset.name, Path(weights), out)
+    for stage_dir in sorted(workdir.iterdir()):
+        if (stage_dir / "losses.png").is_file():  # the training curves next to the report
+            shutil.copyfile(stage_dir / "losses.png", out / f"losses_{stage_dir.name}.png")
     log(f"[evaluate] report written to {out / 'report.json'}")
     return report
+
+
+@torch.no_grad()
+def before_after(preset_name: str, weights: Path, out: Path) -> Path:
+    """The sample character (bundled references) listening to the bundled question, then speaking
+    the bundled answer, with seeded weights (before training) and the trained ones: one row each,
+    a frame every half second from the end of the question."""
+    from PIL import Image
+
+    from livestage.media.samples import SampleCharacter
+    from livestage.runtime.pipeline import StreamingAvatar
+
+    preset = get_preset(preset_name)
+    sample = SampleCharacter.load()
+    refs = sample.reference_images((preset.height, preset.width))
+    pause = np.zeros(8000, np.float32)
+    listen = np.concatenate([sample.question, np.zeros(pause.size + sample.answer.size, np.float32)])
+    speak = np.concatenate([np.zeros(sample.question.size, np.float32), pause, sample.answer])
+    chunks = int(np.ceil(listen.size / 16000))
+    rows = []
+    for models in (build_models(preset, None, seed=0, use_shipped=False),
+                   build_models(preset, weights, allow_seeded=False)):
+        avatar = StreamingAvatar(models, refs, seed=0)
+        avatar.push_speak_audio(speak)
+        avatar.push_listen_audio(listen)
+        frames = np.concatenate([avatar.step().frames for _ in range(chunks)])
+        start = int(sample.question.size / 16000 * preset.chunk.fps) - preset.chunk.fps
+        picks = [frames[min(i, len(frames) - 1)] for i in range(start, start + 8 * preset.chunk.fps // 2, preset.chunk.fps // 2)]
+        rows.append(np.concatenate(picks, axis=1))
+    path = out / "before_after.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
 
 
 def _first_minutes(m: RunMetrics, scenario: Scenario, minutes: float, evaluator, ref, fps, colour) -> dict:

@@ -104,7 +104,8 @@ def run_stage(stage: Stage, step_fn: Callable[[int], dict[str, float]], log=prin
                     for g, base in zip(o.param_groups, base_lrs[k]):
                         g["lr"] = base * mult
             t0 = time.perf_counter()
-            values = step_fn(i)
+            with torch.enable_grad():  # a caller inside no_grad (a test, an eval loop) still trains
+                values = step_fn(i)
             values = {k: float(v) for k, v in values.items()}
             out.write(json.dumps({"step": i, "s": round(time.perf_counter() - t0, 3), **values}) + "\n")
             window.append(values)

@@ -46,6 +46,7 @@ from livestage.training.distillation import (
     train_refiner_dmd,
 )
 from livestage.training.teacher_training import TeacherTrainingConfig, train_teacher
+from livestage.training.teacher_training import init_for_training as init_teacher_for_training  # noqa: I001
 from livestage.training.vae_training import (
     VAETrainingConfig,
     fit_latent_stats,
@@ -81,7 +82,8 @@ class RecipeConfig:
             return cls()
         if name == "tiny":
             return cls(identities=3, clips_per_identity=1, clip_chunks=8,
-                       vae=VAETrainingConfig(steps=12, batch=2, crop=16, checkpoint_every=6),
+                       vae=VAETrainingConfig(steps=12, batch=2, crop=16, checkpoint_every=6, stream_steps=6,
+                                             stream_batch=2, stream_latents_per_segment=2),
                        teacher=TeacherTrainingConfig(steps=12, batch=2, checkpoint_every=6),
                        distill=DistillationConfig(batch=2, sequences=2, sequence_chunks=8, teacher_steps=4,
                                                   stage1_steps=8, stage2_steps=4, stage3_steps=10,
@@ -143,6 +145,7 @@ class Recipe:
             return self._finish(began)
 
         teacher = self._dit(0)
+        init_teacher_for_training(teacher)
         audio_encoder = LogMelAudioEncoder(p.dit.audio_dim, p.chunk.fps, p.chunk.sample_rate)
         seeded_init(audio_encoder, self.seed * 101 + 3)
         text_encoder = HashedTextEncoder(p.text_vocab_size, p.dit.text_dim, p.text_max_tokens)

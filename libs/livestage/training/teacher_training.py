@@ -38,6 +38,15 @@ class TeacherTrainingConfig:
     checkpoint_every: int = 100
 
 
+def init_for_training(teacher: WanDiT) -> None:
+    """Zero-initialises the output projection (`head.head`): the teacher starts by predicting a
+    zero flow instead of a random one, which removes a large initial loss the blocks would
+    otherwise spend their first steps undoing."""
+    with torch.no_grad():
+        teacher.head.head.weight.zero_()
+        teacher.head.head.bias.zero_()
+
+
 def sample_sigma(rng: np.random.Generator, n: int, shift: float, low: float = 0.0, high: float = 1.0) -> np.ndarray:
     u = rng.uniform(low, high, n)
     return shift * u / (1 + (shift - 1) * u)

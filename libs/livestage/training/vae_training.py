@@ -9,7 +9,9 @@ imprecise latents.
 
 Segments are 1 + 4k frames from a random point of a clip (the stream-start case the decoder
 sees at every session start, then full 4-frame latents), cropped to a random 8-aligned window:
-the VAE is convolutional, so crops train the same weights at a fraction of the cost.
+the VAE is convolutional, so crops train the same weights at a fraction of the cost. Two phases:
+short segments first (cheap, learns the spatial code), then 17-frame segments, because a decoder
+that only ever saw one latent of context falls apart a few latents into a real stream.
 
 After training, `fit_latent_stats` measures the per-channel mean and std of the latents; they
 are set on the VAE (`set_latent_stats`) and shipped in the weights file's metadata.
@@ -30,11 +32,17 @@ from livestage.training.loop import Stage, cosine_schedule, run_stage
 
 @dataclass
 class VAETrainingConfig:
-    steps: int = 2400
+    steps: int = 1900
     batch: int = 8
     latents_per_segment: int = 1  # 1 + 4 = 5 frames: the first-frame latent and one full latent
     crop: int = 64
     lr: float = 5e-4
+    stream_steps: int = 900
+    """Second phase ("vae_stream"): long segments, so the causal convolutions learn the steady
+    state of a stream (their cached context is a full earlier latent, not the first frame)."""
+    stream_batch: int = 4
+    stream_latents_per_segment: int = 4  # 17 frames
+    stream_lr: float = 3e-4
     motion_weight: float = 2.0
     gradient_weight: float = 0.2
     latent_penalty: float = 1e-3
@@ -86,15 +94,27 @@ def sample_segments(data: RenderedDataset, rng: np.random.Generator, batch: int,
 
 def train_vae(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
               seed: int = 0, log=print) -> dict:
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    stage = Stage("vae", workdir, {"vae": vae}, {"vae": opt}, config.steps, config.checkpoint_every,
-                  lr_schedule=cosine_schedule(config.steps, warmup=50))
+    """Both phases: short segments from a random start (fast, learns the spatial code), then
+    long segments (learns decoding deep into a stream). Returns both stages' summaries."""
+    first = _train_vae_phase(vae, data, workdir, config, "vae", config.steps, config.batch,
+                             config.latents_per_segment, config.lr, seed, log)
+    second = _train_vae_phase(vae, data, workdir, config, "vae_stream", config.stream_steps,
+                              config.stream_batch, config.stream_latents_per_segment, config.stream_lr,
+                              seed + 1, log)
+    return {**first, "stream": second}
+
+
+def _train_vae_phase(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
+                     name: str, steps: int, batch: int, latents: int, lr: float, seed: int, log) -> dict:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    stage = Stage(name, workdir, {"vae": vae}, {"vae": opt}, steps, config.checkpoint_every,
+                  lr_schedule=cosine_schedule(steps, warmup=50))
     rng = np.random.default_rng([seed, 17])
-    frames = 1 + vae.config.temporal_factor * config.latents_per_segment
+    frames = 1 + vae.config.temporal_factor * latents
     h, w = data.frames.shape[1:3]
 
     def step(i: int) -> dict[str, float]:
-        video = sample_segments(data, rng, config.batch, frames, config.crop, h, w)
+        video = sample_segments(data, rng, batch, frames, config.crop, h, w)
         z = vae.encode(video)
         # noise relative to the latent scale: a fixed signal-to-noise ratio whatever the scale
         rec = vae.decode(z + config.latent_noise * z.detach().std() * torch.randn_like(z))
