@@ -20,6 +20,7 @@ from livestage.models.vae import (
     CausalVideoVAE,
     VAEConfig,
     VAEDecodeState,
+    VAEEncodeState,
 )
 
 PARITY = Path(__file__).resolve().parents[3] / "shared" / "parity" / "wan_vae_a.safetensors"
@@ -305,6 +306,28 @@ def test_long_video_encodes_in_bounded_passes_with_the_same_result():
     assert latent.shape == (1, 4, 10, 1, 1)
     # Causality: the latents of a prefix do not depend on later frames.
     assert _rel(vae.encode(video[:, :, :21]), latent[:, :, :6]) < 1e-12
+
+
+@pytest.mark.parametrize("split", [(1, 36), (5, 8, 24), (13, 4, 4, 16)])
+def test_streaming_encode_equals_full_encode(split):
+    vae = _tiny(dtype=torch.float64)
+    video = torch.rand(1, 3, 37, 8, 8, dtype=torch.float64) * 2 - 1
+    state, parts, start = VAEEncodeState(), [], 0
+    for n in split:
+        parts.append(vae.encode_chunk(video[:, :, start:start + n], state))
+        start += n
+    assert state.frames_encoded == 37
+    assert _rel(torch.cat(parts, dim=2), vae.encode(video)) < 1e-12
+
+
+def test_streaming_encode_rejects_a_misaligned_piece():
+    vae = _tiny()
+    state = VAEEncodeState()
+    with pytest.raises(ValueError, match=r"1 \+ 4k frames"):
+        vae.encode_chunk(torch.zeros(1, 3, 4, 8, 8), state)
+    vae.encode_chunk(torch.zeros(1, 3, 5, 8, 8), state)
+    with pytest.raises(ValueError, match="4k frames after the first call"):
+        vae.encode_chunk(torch.zeros(1, 3, 5, 8, 8), state)
 
 
 def test_works_with_autograd_enabled():

@@ -32,6 +32,7 @@ from livestage.training.vae_training import (
     init_for_training,
     reconstruction_loss,
     sample_segments,
+    train_deep_stream,
     train_vae,
 )
 
@@ -41,7 +42,7 @@ HW = (PRESET.latent_height, PRESET.latent_width)
 
 def test_every_stage_ran_and_the_export_loads_strictly_and_streams(tiny_recipe):
     recipe, summary = tiny_recipe
-    for name in ("vae", "vae_stream", "teacher", "stage1_ode", "stage2_dmd_offpolicy", "stage3_dmd_onpolicy", "stage4_refiner"):
+    for name in ("vae", "vae_stream", "vae_deep_stream", "teacher", "stage1_ode", "stage2_dmd_offpolicy", "stage3_dmd_onpolicy", "stage4_refiner"):
         stage_dir = recipe.workdir / name
         assert (stage_dir / "state.pt").is_file() and (stage_dir / "losses.png").is_file()
         assert len(read_losses(stage_dir / "losses.jsonl")) == json.loads((stage_dir / "done.json").read_text())["steps"]
@@ -96,7 +97,34 @@ def test_vae_training_lowers_its_reconstruction_loss(tiny_recipe, tmp_path):
             return reconstruction_loss(vae.decode(vae.encode(fixed)), fixed, 2.0, 0.2)[0].item()
 
     before = loss()
-    train_vae(vae, data, tmp_path, VAETrainingConfig(steps=40, batch=4, crop=16, lr=2e-3, checkpoint_every=40))
+    train_vae(vae, data, tmp_path, VAETrainingConfig(steps=40, batch=4, crop=16, lr=2e-3, checkpoint_every=40,
+                                                     stream_steps=0, deep_steps=0))
+    assert loss() < 0.8 * before
+
+
+def test_the_deep_stream_phase_lowers_the_loss_of_latents_deep_into_a_stream(tiny_recipe, tmp_path):
+    recipe, _ = tiny_recipe
+    data = RenderedDataset(recipe.workdir / "rendered")
+    vae = CausalVideoVAE(PRESET.vae)
+    seeded_init(vae, 5)
+    init_for_training(vae)
+    warm, trained = 4, 2
+    fixed = sample_segments(data, np.random.default_rng(4), 4, 1 + 4 * (warm + trained - 1), 16,
+                            PRESET.height, PRESET.width)
+    deep = 1 + 4 * (warm - 1)  # the first frame of the latents after the deepest warm-up
+
+    def loss() -> float:  # one plain encode + decode of the whole segment, scored on its deep frames
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(fixed))[:, :, deep:]
+            return reconstruction_loss(rec, fixed[:, :, deep:], 2.0, 0.2)[0].item()
+
+    before = loss()
+    summary = train_deep_stream(vae, data, tmp_path, VAETrainingConfig(
+        crop=16, deep_steps=40, deep_batch=4, deep_max_warm_latents=warm, deep_latents=trained,
+        deep_lr=2e-3, checkpoint_every=40), log=lambda line: None)
+    assert summary["stage"] == "vae_deep_stream"
+    depths = [r["depth"] for r in read_losses(tmp_path / "vae_deep_stream" / "losses.jsonl")]
+    assert min(depths) == 0 and max(depths) == warm  # stream starts and deep warm-ups both trained
     assert loss() < 0.8 * before
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "CausalVideoVAE",
     "VAEConfig",
     "VAEDecodeState",
+    "VAEEncodeState",
 ]
 
 # Published per-channel statistics of the Wan2.1 VAE latent space (z_dim 16): a trained model's
@@ -204,6 +205,15 @@ class VAEDecodeState:
         """A copy with the tails moved/cast (e.g. to park an idle session in host memory)."""
         return VAEDecodeState({k: v.to(device=device, dtype=dtype) for k, v in self.tails.items()},
                               self.num_latents_decoded, self.latent_geometry)
+
+
+@dataclass
+class VAEEncodeState:
+    """The encoder's conv tails for a video encoded piece by piece (`encode_chunk`);
+    `frames_encoded` 0 means the next frame is the video's first (a latent of its own)."""
+
+    tails: dict[str, Tensor] = field(default_factory=dict)
+    frames_encoded: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,23 +619,33 @@ class CausalVideoVAE(nn.Module):
     def encode(self, video: Tensor) -> Tensor:
         """Frames [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised posterior mean
         [B, z, 1 + k, H/8, W/8] (factors for the default layout; see VAEConfig)."""
+        return self.encode_chunk(video, VAEEncodeState())
+
+    def encode_chunk(self, video: Tensor, state: "VAEEncodeState") -> Tensor:
+        """Streaming encode of the next frames of a video, carrying conv tails in `state`: the
+        first call takes 1 + 4k frames, later calls 4k frames, and concatenating the outputs
+        equals `encode` of all frames at once (training warms a long stream up this way without
+        keeping its graph)."""
         tf, sf = self.config.temporal_factor, self.config.spatial_factor
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, T, H, W], got shape {tuple(video.shape)}")
         if not video.is_floating_point():
             raise ValueError(f"video must be a floating point tensor in [-1, 1], got {video.dtype}")
         b, _, t, h, w = video.shape
-        if b < 1 or t < 1 or (t - 1) % tf:
-            raise ValueError(f"video must have 1 + {tf}k frames (1, {1 + tf}, {1 + 2 * tf}, ...), "
-                             f"got {t}")
+        start = state.frames_encoded == 0
+        lead = 1 if start else 0
+        if b < 1 or t < 1 or (t - lead) % tf:
+            what = f"1 + {tf}k frames (1, {1 + tf}, {1 + 2 * tf}, ...)" if start else f"{tf}k frames after the first call"
+            raise ValueError(f"video must have {what}, got {t}")
         if h < sf or w < sf or h % sf or w % sf:
             raise ValueError(f"video height and width must be positive multiples of {sf}, "
                              f"got {h}x{w}")
-        tails: _TailStore = {}
         step = tf * ENCODE_LATENTS_PER_PASS
-        bounds = [0, *range(1 + step, t, step), t]  # first pass: the first frame + one group
-        parts = [self.encoder(video[:, :, lo:hi], tails, stream_start=(lo == 0))
-                 for lo, hi in zip(bounds[:-1], bounds[1:])]
+        bounds = [0, *range(lead + step if start else step, t, step), t]  # first pass: first frame + one group
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            parts.append(self.encoder(video[:, :, lo:hi], state.tails, stream_start=state.frames_encoded == 0))
+            state.frames_encoded += hi - lo
         features = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         mu = self.conv1(features)[:, : self.config.z_dim]
         mean, std = self._stats(mu)

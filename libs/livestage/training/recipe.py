@@ -83,7 +83,8 @@ class RecipeConfig:
         if name == "tiny":
             return cls(identities=3, clips_per_identity=1, clip_chunks=8,
                        vae=VAETrainingConfig(steps=12, batch=2, crop=16, checkpoint_every=6, stream_steps=6,
-                                             stream_batch=2, stream_latents_per_segment=2),
+                                             stream_batch=2, stream_latents_per_segment=2, deep_steps=6,
+                                             deep_batch=2, deep_max_warm_latents=4, deep_latents=2),
                        teacher=TeacherTrainingConfig(steps=12, batch=2, checkpoint_every=6),
                        distill=DistillationConfig(batch=2, sequences=2, sequence_chunks=8, teacher_steps=4,
                                                   stage1_steps=8, stage2_steps=4, stage3_steps=10,

@@ -9,9 +9,12 @@ imprecise latents.
 
 Segments are 1 + 4k frames from a random point of a clip (the stream-start case the decoder
 sees at every session start, then full 4-frame latents), cropped to a random 8-aligned window:
-the VAE is convolutional, so crops train the same weights at a fraction of the cost. Two phases:
-short segments first (cheap, learns the spatial code), then 17-frame segments, because a decoder
-that only ever saw one latent of context falls apart a few latents into a real stream.
+the VAE is convolutional, so crops train the same weights at a fraction of the cost. Three phases:
+short segments first (cheap, learns the spatial code), then 17-frame segments, then segments that
+start at a random depth into a stream (up to 20 latents of cache warm-up without gradients):
+the causal convolutions reach about 20 latents back, and a VAE that only ever saw a few latents
+of context decodes the steady state of a real stream with wrong colours (PSNR fell from 27 dB in
+the first second to 12-17 dB after it, before this phase existed).
 
 After training, `fit_latent_stats` measures the per-channel mean and std of the latents; they
 are set on the VAE (`set_latent_stats`) and shipped in the weights file's metadata.
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from livestage.models.vae import CausalVideoVAE
+from livestage.models.vae import CausalVideoVAE, VAEEncodeState
 from livestage.training.dataset import RenderedDataset, frames_to_tensor
 from livestage.training.loop import Stage, cosine_schedule, run_stage
 
@@ -43,6 +46,16 @@ class VAETrainingConfig:
     stream_batch: int = 4
     stream_latents_per_segment: int = 4  # 17 frames
     stream_lr: float = 3e-4
+    deep_steps: int = 600
+    """Third phase ("vae_deep_stream"): the causal convolutions of the encoder and of the decoder
+    each reach about 20 latents back, so a long stream settles into its steady state only after
+    some 80 frames, which the short segments never show. Each step starts a stream at a random
+    depth: `0..deep_max_warm_latents` latents are encoded and decoded without gradients to fill
+    the conv caches, then `deep_latents` more are trained through both halves."""
+    deep_batch: int = 4
+    deep_max_warm_latents: int = 20
+    deep_latents: int = 4
+    deep_lr: float = 2e-4
     motion_weight: float = 2.0
     gradient_weight: float = 0.2
     latent_penalty: float = 1e-3
@@ -94,14 +107,56 @@ def sample_segments(data: RenderedDataset, rng: np.random.Generator, batch: int,
 
 def train_vae(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
               seed: int = 0, log=print) -> dict:
-    """Both phases: short segments from a random start (fast, learns the spatial code), then
-    long segments (learns decoding deep into a stream). Returns both stages' summaries."""
-    first = _train_vae_phase(vae, data, workdir, config, "vae", config.steps, config.batch,
-                             config.latents_per_segment, config.lr, seed, log)
-    second = _train_vae_phase(vae, data, workdir, config, "vae_stream", config.stream_steps,
-                              config.stream_batch, config.stream_latents_per_segment, config.stream_lr,
-                              seed + 1, log)
-    return {**first, "stream": second}
+    """The three phases: short segments from a random start (fast, learns the spatial code), then
+    17-frame segments (a few latents into a stream), then latents at any depth into a stream.
+    A phase with 0 steps is skipped. Returns the summaries (later phases nested)."""
+    summary = _train_vae_phase(vae, data, workdir, config, "vae", config.steps, config.batch,
+                               config.latents_per_segment, config.lr, seed, log)
+    if config.stream_steps:
+        summary["stream"] = _train_vae_phase(vae, data, workdir, config, "vae_stream", config.stream_steps,
+                                             config.stream_batch, config.stream_latents_per_segment,
+                                             config.stream_lr, seed + 1, log)
+    if config.deep_steps:
+        summary["deep_stream"] = train_deep_stream(vae, data, workdir, config, seed + 2, log)
+    return summary
+
+
+def train_deep_stream(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
+                      seed: int = 0, log=print) -> dict:
+    """Both halves trained on latents at a random depth into a stream; see
+    `VAETrainingConfig.deep_steps`. The warm-up runs through the streaming states
+    (`encode_chunk` / `decode_chunk`), exactly as a session does, and keeps no graph."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.deep_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    stage = Stage("vae_deep_stream", workdir, {"vae": vae}, {"vae": opt}, config.deep_steps,
+                  config.checkpoint_every, lr_schedule=cosine_schedule(config.deep_steps, warmup=20))
+    rng = np.random.default_rng([seed, 19])
+    tf = vae.config.temporal_factor
+    h, w = data.frames.shape[1:3]
+
+    def noisy(z: torch.Tensor) -> torch.Tensor:
+        return z + config.latent_noise * z.detach().std() * torch.randn_like(z)
+
+    def step(i: int) -> dict[str, float]:
+        warm = int(rng.integers(0, config.deep_max_warm_latents + 1))
+        video = sample_segments(data, rng, config.deep_batch, 1 + tf * (warm + config.deep_latents - 1),
+                                config.crop, h, w)
+        encoding, decoding = VAEEncodeState(), vae.new_decode_state()
+        first = 1 + tf * (warm - 1) if warm else 0  # the first frame of the trained latents
+        if warm:
+            with torch.no_grad():
+                vae.decode_chunk(noisy(vae.encode_chunk(video[:, :, :first], encoding)), decoding)
+        z = vae.encode_chunk(video[:, :, first:], encoding)
+        rec = vae.decode_chunk(noisy(z), decoding)
+        loss, parts = reconstruction_loss(rec, video[:, :, first:], config.motion_weight, config.gradient_weight)
+        penalty = z.pow(2).mean()
+        loss = loss + config.latent_penalty * penalty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), **parts, "depth": float(warm)}
+
+    return run_stage(stage, step, log=log)
 
 
 def _train_vae_phase(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
