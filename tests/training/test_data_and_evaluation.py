@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from livestage.media.samples import SampleCharacter
@@ -16,7 +17,7 @@ from livestage.models.bundle import WEIGHT_FILES, build_models, shipped_weights_
 from livestage.models.config import get_preset
 from livestage.training.corpus import HELD_OUT, synthesize_corpus
 from livestage.training.dataset import RenderedDataset, render_dataset, sample_character_images
-from livestage.training.evaluation import EvaluationConfig, RunMetrics, run_evaluation
+from livestage.training.evaluation import EvaluationConfig, FlopCount, RunMetrics, run_evaluation
 from livestage.training.evaluator import train_evaluator
 from livestage.training.renderer import Identity
 from livestage.training.scenarios import TRAIN_DIRECTIVES, audio_window, conversation
@@ -154,6 +155,10 @@ def test_evaluation_report_on_the_tiny_recipe(tiny_recipe, tmp_path):
     assert runs["distilled_sinks_10min"]["frames"] == round(0.4 * 60) * fps
     assert runs["teacher_1min"]["nfe_per_chunk"] == 8 and runs["distilled_sinks_10min"]["nfe_per_chunk"] == 4
     assert report["summary"]["compute_ratio_teacher_over_distilled"]["nfe"] == 2.0
+    # FLOPs counted on one chunk of each: the teacher's 4 guided steps over a two-chunk window cost
+    # more than the students' few single-chunk passes, and both counts are real (non-zero)
+    assert runs["distilled_sinks_10min"]["dit_gflops_per_chunk"] > 0
+    assert report["summary"]["compute_ratio_teacher_over_distilled"]["dit_flops"] > 1.0
     for name in ("identity_drift.png", "lip_sync.png", "frames_gt_teacher_distilled.png", "before_after.png"):
         assert Image.open(tmp_path / name).size[0] > 100
 
@@ -176,3 +181,17 @@ def test_the_demo_preset_loads_its_shipped_trained_weights_by_default():
     assert not models.seeded and all(Path(str(s)[5:]).parent == root for s in models.sources.values())
     assert models.vae.latent_std.min() > 0 and not np.allclose(models.vae.latent_std.numpy(), 1.0)
     assert shipped_weights_dir("tiny") is None
+
+
+def test_flop_count_counts_matrix_products_and_the_cpu_attention_kernel():
+    linear, x = torch.nn.Linear(32, 16, bias=False), torch.randn(10, 32)
+    with torch.no_grad(), FlopCount(True) as count:
+        linear(x)
+    assert count.flops == 2 * 10 * 32 * 16
+    q = torch.randn(1, 2, 8, 4)  # [B, heads, L, d]
+    with torch.no_grad(), FlopCount(True) as count:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert count.flops == 2 * (2 * 2 * 8 * 8 * 4)  # scores and weighted sum, per head
+    with torch.no_grad(), FlopCount(False) as count:
+        linear(x)
+    assert count.flops == 0

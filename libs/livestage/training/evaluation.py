@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from livestage.models.bundle import AvatarModels, build_models, shipped_weights_dir
 from livestage.models.config import get_preset
@@ -172,6 +173,39 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+FLOP_CHUNK = 6
+"""The chunk whose DiT work is counted in FLOPs: sinks full and the window sliding for the
+students (their steady-state cost), continuation for the teacher."""
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+class FlopCount:
+    """Counts the floating-point operations (matrix products, convolutions, attention) of the
+    block it wraps when `active`; torch's counter has no formula for the CPU attention kernel, so
+    it gets the standard one. FLOPs compare teacher and students independently of how well this
+    CPU runs either (seconds favour the big batched passes of the teacher)."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.flops = 0
+        self._mode: FlopCounterMode | None = None
+
+    def __enter__(self) -> "FlopCount":
+        if self.active:
+            self._mode = FlopCounterMode(display=False, custom_mapping={
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self.flops = int(self._mode.get_total_flops())
+
+
 def chunk_windows(scenario: Scenario, k: int, chunks: int = 1, history: int = 2) -> tuple[np.ndarray, np.ndarray]:
     rate = scenario.sample_rate
     end = (scenario.preroll_s + k + chunks) * rate
@@ -193,25 +227,30 @@ def run_distilled(models: AvatarModels, refs, scenario: Scenario, chunks: int, m
     gen, ref = GeneratorSession(models, seed, latents), RefinerSession(models, seed, latents)
     dec, dec_b = DecoderSession(models), DecoderSession(models)
     times = {"encode": [], "generate": [], "refine": [], "decode": []}
+    dit_flops = 0
     for k in range(chunks):
         t0 = time.perf_counter()
         speak, listen = chunk_windows(scenario, k)
         inputs = enc.encode_chunk(k, speak, listen)
         t1 = time.perf_counter()
-        coarse = gen.generate(inputs)
-        t2 = time.perf_counter()
-        clean = ref.refine(inputs, coarse)
+        with FlopCount(k == min(FLOP_CHUNK, chunks - 1)) as count:
+            coarse = gen.generate(inputs)
+            t2 = time.perf_counter()
+            clean = ref.refine(inputs, coarse)
+        dit_flops = count.flops or dit_flops
         t3 = time.perf_counter()
         frames = dec.decode(clean, k)
         t4 = time.perf_counter()
-        for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            times[name].append(dt)
+        if not count.active:  # the counted chunk runs slower under the counter
+            for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[name].append(dt)
         metrics.add(frames, seconds=t4 - t0)
         if backbone_metrics is not None and k < backbone_chunks:
             tb = time.perf_counter()
             fb = dec_b.decode(coarse, k)
             backbone_metrics.add(fb, seconds=(t2 - t0) + (time.perf_counter() - tb))
-    return {name: round(float(np.median(v)), 4) for name, v in times.items()}
+    return {**{name: round(float(np.median(v)), 4) for name, v in times.items() if v},
+            "dit_gflops_per_chunk": round(dit_flops / 1e9, 4)}
 
 
 @torch.no_grad()
@@ -229,6 +268,7 @@ def run_teacher(teacher: WanDiT, models: AvatarModels, refs, scenario: Scenario,
     text = models.text_encoder.encode([""])
     previous = None
     seconds = []
+    dit_flops = 0
     k = 0
     while k < chunks:
         t0 = time.perf_counter()
@@ -240,7 +280,9 @@ def run_teacher(teacher: WanDiT, models: AvatarModels, refs, scenario: Scenario,
         uncond = clip_conditions(teacher, text, feats[0:1] * 0, feats[1:2] * 0, views, 2, hw)
         n = (2 if joint else 1)
         noise = torch.randn(1, p.vae.z_dim, lpc * n, *hw, generator=torch.Generator().manual_seed(k))
-        x0 = sampler.sample(noise, cond, uncond, context=previous).clean
+        with FlopCount(k == min(FLOP_CHUNK, chunks - 1)) as count:
+            x0 = sampler.sample(noise, cond, uncond, context=previous).clean
+        dit_flops = count.flops or dit_flops
         gen_s = (time.perf_counter() - t0) / n
         for j in range(n):
             if k + j >= chunks:
@@ -249,10 +291,12 @@ def run_teacher(teacher: WanDiT, models: AvatarModels, refs, scenario: Scenario,
             chunk = x0[:, :, j * lpc:(j + 1) * lpc]
             frames = dec.decode(chunk, k + j)
             metrics.add(frames, seconds=gen_s + time.perf_counter() - t1)
-            seconds.append(gen_s)
+            if not count.active:
+                seconds.append(gen_s)
             previous = chunk
         k += n
-    return {"generate": round(float(np.median(seconds)), 4), "nfe_per_chunk": sampler.nfe_per_window}
+    return {"generate": round(float(np.median(seconds)), 4), "nfe_per_chunk": sampler.nfe_per_window,
+            "dit_gflops_per_chunk": round(dit_flops / 1e9, 4)}
 
 
 def _no_sinks(models: AvatarModels) -> AvatarModels:
@@ -313,7 +357,8 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
     tm = new_metrics(20)
     tcost = run_teacher(teacher, models, refs, short, short_chunks, tm, config.teacher_steps, config.guidance)
     runs["teacher_1min"] = {**tm.summary(short, config.short_minutes), "nfe_per_chunk": tcost["nfe_per_chunk"],
-                            "dit_seconds_per_chunk": tcost["generate"]}
+                            "dit_seconds_per_chunk": tcost["generate"],
+                            "dit_gflops_per_chunk": tcost["dit_gflops_per_chunk"]}
 
     log(f"[evaluate] distilled with sinks, {config.long_minutes} min (and backbone alone for the first minute)")
     dm, bm = new_metrics(20), new_metrics(20)
@@ -322,7 +367,8 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
     runs["backbone_1min"] = {**bm.summary(short, config.short_minutes), "nfe_per_chunk": 2}
     runs["distilled_sinks_1min"] = _first_minutes(dm, short, config.short_minutes, evaluator, ref_emb[0], fps, ref_colour)
     runs["distilled_sinks_10min"] = {**full, "nfe_per_chunk": 4, "stage_seconds_median": dcost,
-                                     "dit_seconds_per_chunk": round(dcost["generate"] + dcost["refine"], 4)}
+                                     "dit_seconds_per_chunk": round(dcost["generate"] + dcost["refine"], 4),
+                                     "dit_gflops_per_chunk": dcost["dit_gflops_per_chunk"]}
 
     log(f"[evaluate] distilled without sinks (5-chunk rolling window), {config.long_minutes} min")
     nm = new_metrics(0)
@@ -405,6 +451,7 @@ def summarise(runs: dict[str, dict]) -> dict:
             "nfe": round(t["nfe_per_chunk"] / s10["nfe_per_chunk"], 2),
             # a teacher evaluation sees a two-chunk window: twice the tokens of a student's pass
             "chunk_sized_passes": round(t["nfe_per_chunk"] * 2 / s10["nfe_per_chunk"], 2),
+            "dit_flops": round(t["dit_gflops_per_chunk"] / max(s10["dit_gflops_per_chunk"], 1e-9), 2),
             "dit_seconds": round(t["dit_seconds_per_chunk"] / max(s10["dit_seconds_per_chunk"], 1e-6), 2)},
         "black_frames": {k: r["artefacts"]["black_frames"] for k, r in runs.items()},
         "listening_responsiveness_ratio": {k: runs[k]["listening"]["responsiveness_ratio"] for k in
