@@ -220,13 +220,19 @@ def test_history_replay_matches_what_the_streaming_cache_holds():
     assert history_chunks(4, 0, 5) == [0, 1, 2, 3]
 
 
-def test_dmd_gradient_is_zero_when_the_fake_score_equals_the_teacher_and_points_to_the_teacher(tiny_recipe):
+def _seeded_scoring(tiny_recipe) -> tuple:
+    """A seeded teacher scoring the tiny recipe's data, its fake critic an exact copy, no CFG."""
     recipe, _ = tiny_recipe
     builder = _builder(recipe)
     teacher = WanDiT(PRESET.dit, PRESET.chunk)
     seeded_init(teacher, 4)
     scoring = TeacherScoring(teacher, make_fake_critic(teacher), builder, FlowMatchSchedule(PRESET.sampler),
                              guidance=1.0, latent_hw=HW, sigma_shift=3.0)
+    return builder, scoring
+
+
+def test_dmd_gradient_is_zero_when_the_fake_score_equals_the_teacher_and_points_to_the_teacher(tiny_recipe):
+    builder, scoring = _seeded_scoring(tiny_recipe)
     clips, k = [0, 1], 2
     refs = builder.references([Window(c, 0, 1) for c in clips], [0])
     previous = builder.latents([Window(c, k - 1, 1) for c in clips])
@@ -243,12 +249,7 @@ def test_dmd_gradient_is_zero_when_the_fake_score_equals_the_teacher_and_points_
 
 
 def test_the_fake_critic_learns_the_generators_outputs(tiny_recipe):
-    recipe, _ = tiny_recipe
-    builder = _builder(recipe)
-    teacher = WanDiT(PRESET.dit, PRESET.chunk)
-    seeded_init(teacher, 4)
-    scoring = TeacherScoring(teacher, make_fake_critic(teacher), builder, FlowMatchSchedule(PRESET.sampler),
-                             guidance=1.0, latent_hw=HW, sigma_shift=3.0)
+    builder, scoring = _seeded_scoring(tiny_recipe)
     clips, k = [0, 1], 1
     refs = builder.references([Window(c, 0, 1) for c in clips], [0])
     previous = builder.latents([Window(c, 0, 1) for c in clips])

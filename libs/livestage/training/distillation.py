@@ -373,13 +373,21 @@ def _partner(builder: ConditionBuilder, clips: list[int]) -> torch.Tensor:
     return builder.latents([Window(c, 1, 1) for c in clips])
 
 
+def _dmd_stage(name: str, student_name: str, student: WanDiT, scoring: TeacherScoring, steps: int,
+               workdir, config: DistillationConfig) -> tuple[Stage, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """A DMD stage's checkpointed state: the student and the fake-score critic, each with its optimiser
+    (no first-moment momentum: the DMD direction changes as the critic moves)."""
+    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.0, 0.99))
+    critic_opt = torch.optim.AdamW(scoring.fake.parameters(), lr=config.critic_lr, weight_decay=0.0, betas=(0.0, 0.99))
+    stage = Stage(name, workdir, {student_name: student, "fake": scoring.fake},
+                  {student_name: opt, "fake": critic_opt}, steps, config.checkpoint_every)
+    return stage, opt, critic_opt
+
+
 def train_offpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, vae: CausalVideoVAE, seqs: TeacherSequences,
                         students: _Students, workdir, config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 2: DMD with teacher-derived inputs, plus the decoder-feature regulariser."""
-    opt = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.0, 0.99))
-    critic_opt = torch.optim.AdamW(scoring.fake.parameters(), lr=config.critic_lr, weight_decay=0.0, betas=(0.0, 0.99))
-    stage = Stage("stage2_dmd_offpolicy", workdir, {"backbone": backbone, "fake": scoring.fake},
-                  {"backbone": opt, "fake": critic_opt}, config.stage2_steps, config.checkpoint_every)
+    stage, opt, critic_opt = _dmd_stage("stage2_dmd_offpolicy", "backbone", backbone, scoring, config.stage2_steps, workdir, config)
     rng = np.random.default_rng([seed, 61])
     builder = students.builder
     vae.requires_grad_(False)
@@ -434,10 +442,7 @@ def _new_rollout(builder: ConditionBuilder, rng: np.random.Generator, batch: int
 def train_onpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, students: _Students, workdir,
                        config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 3: DMD on the backbone's own autoregressive rollouts (noisy-history caches)."""
-    opt = torch.optim.AdamW(backbone.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.0, 0.99))
-    critic_opt = torch.optim.AdamW(scoring.fake.parameters(), lr=config.critic_lr, weight_decay=0.0, betas=(0.0, 0.99))
-    stage = Stage("stage3_dmd_onpolicy", workdir, {"backbone": backbone, "fake": scoring.fake},
-                  {"backbone": opt, "fake": critic_opt}, config.stage3_steps, config.checkpoint_every)
+    stage, opt, critic_opt = _dmd_stage("stage3_dmd_onpolicy", "backbone", backbone, scoring, config.stage3_steps, workdir, config)
     rng = np.random.default_rng([seed, 71])
     builder = students.builder
     state: dict[str, RolloutBatch | None] = {"rollout": None}
@@ -480,10 +485,7 @@ def train_onpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, students: _Stu
 def train_refiner_dmd(backbone: WanDiT, refiner: WanDiT, scoring: TeacherScoring, students: _Students, workdir,
                       config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 4: the 1-step refiner from T2 on re-noised backbone rollouts, clean-history caches."""
-    opt = torch.optim.AdamW(refiner.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.0, 0.99))
-    critic_opt = torch.optim.AdamW(scoring.fake.parameters(), lr=config.critic_lr, weight_decay=0.0, betas=(0.0, 0.99))
-    stage = Stage("stage4_refiner", workdir, {"refiner": refiner, "fake": scoring.fake},
-                  {"refiner": opt, "fake": critic_opt}, config.stage4_steps, config.checkpoint_every)
+    stage, opt, critic_opt = _dmd_stage("stage4_refiner", "refiner", refiner, scoring, config.stage4_steps, workdir, config)
     rng = np.random.default_rng([seed, 81])
     builder = students.builder
     preset = students.preset

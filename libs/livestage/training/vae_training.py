@@ -105,6 +105,21 @@ def sample_segments(data: RenderedDataset, rng: np.random.Generator, batch: int,
     return torch.stack(out)
 
 
+def _vae_update(vae: CausalVideoVAE, opt: torch.optim.Optimizer, config: VAETrainingConfig,
+                video: torch.Tensor, z: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
+    """One optimiser step of every VAE phase: the reconstruction loss plus a small penalty on the
+    latents' size, which keeps their scale bounded (the reconstruction loss is blind to it: the latent
+    noise is relative to their spread)."""
+    loss, parts = reconstruction_loss(rec, video, config.motion_weight, config.gradient_weight)
+    penalty = z.pow(2).mean()
+    loss = loss + config.latent_penalty * penalty
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    return {"loss": loss.item(), **parts, "latent_rms": penalty.sqrt().item()}
+
+
 def train_vae(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
               seed: int = 0, log=print) -> dict:
     """The three phases: short segments from a random start (fast, learns the spatial code), then
@@ -147,14 +162,7 @@ def train_deep_stream(vae: CausalVideoVAE, data: RenderedDataset, workdir, confi
                 vae.decode_chunk(noisy(vae.encode_chunk(video[:, :, :first], encoding)), decoding)
         z = vae.encode_chunk(video[:, :, first:], encoding)
         rec = vae.decode_chunk(noisy(z), decoding)
-        loss, parts = reconstruction_loss(rec, video[:, :, first:], config.motion_weight, config.gradient_weight)
-        penalty = z.pow(2).mean()
-        loss = loss + config.latent_penalty * penalty
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        return {"loss": loss.item(), **parts, "depth": float(warm)}
+        return {**_vae_update(vae, opt, config, video[:, :, first:], z, rec), "depth": float(warm)}
 
     return run_stage(stage, step, log=log)
 
@@ -173,14 +181,7 @@ def _train_vae_phase(vae: CausalVideoVAE, data: RenderedDataset, workdir, config
         z = vae.encode(video)
         # noise relative to the latent scale: a fixed signal-to-noise ratio whatever the scale
         rec = vae.decode(z + config.latent_noise * z.detach().std() * torch.randn_like(z))
-        loss, parts = reconstruction_loss(rec, video, config.motion_weight, config.gradient_weight)
-        penalty = z.pow(2).mean()
-        loss = loss + config.latent_penalty * penalty
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        return {"loss": loss.item(), **parts, "latent_rms": penalty.sqrt().item()}
+        return _vae_update(vae, opt, config, video, z, rec)
 
     return run_stage(stage, step, log=log)
 
