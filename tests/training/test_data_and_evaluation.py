@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from livestage.media.samples import SampleCharacter
+from livestage.media.samples import SampleCharacter, sample_speech
 from livestage.models.bundle import WEIGHT_FILES, build_models, shipped_weights_dir
 from livestage.models.config import get_preset
 from livestage.training.corpus import HELD_OUT, synthesize_corpus
@@ -20,7 +20,7 @@ from livestage.training.dataset import RenderedDataset, render_dataset, sample_c
 from livestage.training.evaluation import EvaluationConfig, FlopCount, RunMetrics, run_evaluation
 from livestage.training.evaluator import train_evaluator
 from livestage.training.renderer import Identity
-from livestage.training.scenarios import TRAIN_DIRECTIVES, audio_window, conversation
+from livestage.training.scenarios import TRAIN_DIRECTIVES, Scenario, audio_window, conversation
 
 from .helpers import synthetic_corpus
 
@@ -99,13 +99,59 @@ def test_the_evaluator_reads_mouth_openness_and_tells_identities_apart(rendered,
     # a new clip it never saw
     scenario = conversation(synthetic_corpus(12), 3, np.random.default_rng(99))
     clip = render_scenario(Identity.sample(1000), scenario, 24, (128, 128), seed=5)
-    mouth, emb = evaluator.read(clip.frames)
+    mouth, emb, pose = evaluator.read(clip.frames)
     if clip.mouth_open.std() > 0.05:
         assert np.corrcoef(mouth, clip.mouth_open)[0, 1] > 0.6
-    _, refs = evaluator.read(np.stack([imgs[0] for imgs in rendered.reference_images]))
+    # the head pose it reads follows the rendered yaw and pitch (the nods listening produces)
+    for axis in (0, 1):
+        if clip.motion[:, axis].std() > 1.0:
+            assert np.corrcoef(pose[:, axis], clip.motion[:, axis])[0, 1] > 0.5, axis
+    refs = evaluator.read(np.stack([imgs[0] for imgs in rendered.reference_images])).embedding
     same = float(emb.mean(axis=0) @ refs[0]) / np.linalg.norm(emb.mean(axis=0))
     other = max(float(emb.mean(axis=0) @ r) / np.linalg.norm(emb.mean(axis=0)) for r in refs[1:])
     assert same > other
+
+
+@pytest.fixture(scope="module")
+def listening_evaluator(tmp_path_factory):
+    """An evaluator whose training clips contain nods (long user turns), so it learns to read pitch."""
+    root = tmp_path_factory.mktemp("rendered_listening")
+    render_dataset(root, DEMO, synthetic_corpus(12, user_seconds=2.5), identities=2, clips_per_identity=2,
+                   chunks=6, sample_identity_weight=1, log=lambda line: None)
+    data = RenderedDataset(root)
+    assert np.abs(data.motion[:, :, 1]).max() > 5.0
+    return train_evaluator(data, None, root / "evaluator.pt", steps=300, batch=16, log=lambda line: None)
+
+
+def test_listening_is_read_as_nods_and_smiles_not_as_pixel_change(listening_evaluator):
+    from livestage.training.dataset import render_scenario
+
+    # the user talks for 2 s and pauses; the character is silent throughout: the renderer
+    # smiles while the user talks and nods in the pause (smiles are too faint for an evaluator
+    # trained on four clips to read reliably; the demo's evaluator reads them)
+    rate, seconds = 16000, 6
+    listen = np.zeros(seconds * rate, np.float32)
+    listen[:2 * rate] = 2.0 * sample_speech(2.0, rate, seed=3)
+    scenario = Scenario(np.zeros_like(listen), listen, [""] * seconds, seconds, 0, rate)
+    clip = render_scenario(Identity.sample(1000), scenario, 24, (128, 128), seed=5)
+    assert np.abs(clip.motion[:, 1]).max() > 5.0 and clip.motion[:, 2].max() > 0.2  # the renderer did both
+
+    def run(frames, noise: float = 0.0) -> dict:
+        m = RunMetrics(listening_evaluator, listening_evaluator.read(clip.frames[:1]).embedding[0], 24,
+                       np.zeros(3, np.float32))
+        rng = np.random.default_rng(0)
+        for k in range(seconds):
+            f = frames[k * 24:(k + 1) * 24].astype(np.float32)
+            m.add(np.clip(f + rng.normal(0, noise, f.shape), 0, 255).astype(np.uint8))
+        return m.summary(scenario, seconds / 60)["listening"]
+
+    truth = run(clip.frames)
+    still = clip.frames[:1].repeat(len(clip.frames), axis=0)
+    flicker = run(still, noise=12.0)  # a frozen face under heavy frame-to-frame noise
+    assert truth["nod_degrees_listening"] > 2 * flicker["nod_degrees_listening"]
+    # pixel change calls the flickering frozen face the livelier listener; the pose reading does not
+    assert flicker["pixel_motion_listening"] > 10 * truth["pixel_motion_listening"]
+    assert truth["responsiveness_ratio"] > 2 * flicker["responsiveness_ratio"]
 
 
 def test_run_metrics_score_ground_truth_above_a_frozen_face_and_count_black_frames(rendered, evaluator):
@@ -114,7 +160,7 @@ def test_run_metrics_score_ground_truth_above_a_frozen_face_and_count_black_fram
 
     clip = render_scenario(Identity.sample(1000), scenario, 24, (128, 128), seed=5)
     ref = rendered.reference_images[0][:1]
-    _, ref_emb = evaluator.read(ref)
+    ref_emb = evaluator.read(ref).embedding
     colour = ref.astype(np.float32).mean(axis=(0, 1, 2))
 
     def run(frames) -> dict:

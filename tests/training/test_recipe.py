@@ -84,12 +84,17 @@ def test_a_finished_recipe_is_skipped_and_a_stage_resumes_from_its_checkpoint(ti
     assert steps == list(range(rows_before + 3))
 
 
-def test_vae_training_lowers_its_reconstruction_loss(tiny_recipe, tmp_path):
+def _untrained_vae(tiny_recipe) -> tuple[RenderedDataset, CausalVideoVAE]:
+    """The tiny recipe's rendered clips and a seeded VAE in its training initialisation."""
     recipe, _ = tiny_recipe
-    data = RenderedDataset(recipe.workdir / "rendered")
     vae = CausalVideoVAE(PRESET.vae)
     seeded_init(vae, 5)
     init_for_training(vae)
+    return RenderedDataset(recipe.workdir / "rendered"), vae
+
+
+def test_vae_training_lowers_its_reconstruction_loss(tiny_recipe, tmp_path):
+    data, vae = _untrained_vae(tiny_recipe)
     fixed = sample_segments(data, np.random.default_rng(3), 4, 5, 16, PRESET.height, PRESET.width)
 
     def loss() -> float:
@@ -103,11 +108,7 @@ def test_vae_training_lowers_its_reconstruction_loss(tiny_recipe, tmp_path):
 
 
 def test_the_deep_stream_phase_lowers_the_loss_of_latents_deep_into_a_stream(tiny_recipe, tmp_path):
-    recipe, _ = tiny_recipe
-    data = RenderedDataset(recipe.workdir / "rendered")
-    vae = CausalVideoVAE(PRESET.vae)
-    seeded_init(vae, 5)
-    init_for_training(vae)
+    data, vae = _untrained_vae(tiny_recipe)
     warm, trained = 4, 2
     fixed = sample_segments(data, np.random.default_rng(4), 4, 1 + 4 * (warm + trained - 1), 16,
                             PRESET.height, PRESET.width)

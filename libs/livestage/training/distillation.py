@@ -439,6 +439,21 @@ def _new_rollout(builder: ConditionBuilder, rng: np.random.Generator, batch: int
     return RolloutBatch(clips, refs)
 
 
+def _rollout_dmd_update(student: WanDiT, opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
+                        scoring: TeacherScoring, builder: ConditionBuilder, x0: torch.Tensor, r: RolloutBatch,
+                        rng: np.random.Generator) -> tuple[dict[str, float], float]:
+    """One generator step along the DMD direction for a rollout's chunk, then one critic step on
+    the same output."""
+    partner = _partner(builder, r.clips) if r.k == 0 else None
+    dmd, parts = scoring.dmd_loss(x0, r.clips, r.k, r.refs, r.previous, partner, rng)
+    opt.zero_grad(set_to_none=True)
+    dmd.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    critic = _critic_update(scoring, critic_opt, x0, r.clips, r.k, r.refs, r.previous, partner, rng)
+    return parts, critic
+
+
 def train_onpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, students: _Students, workdir,
                        config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 3: DMD on the backbone's own autoregressive rollouts (noisy-history caches)."""
@@ -466,13 +481,7 @@ def train_onpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, students: _Stu
         with torch.set_grad_enabled(grad_step == 1):
             x0_b, captured = students.x0(backbone, x_t1, students.t1, cond, cache, capture=True, chunk_index=r.k)
         out = x0_a if grad_step == 0 else x0_b
-        partner = _partner(builder, r.clips) if r.k == 0 else None
-        dmd, parts = scoring.dmd_loss(out, r.clips, r.k, r.refs, r.previous, partner, rng)
-        opt.zero_grad(set_to_none=True)
-        dmd.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
-        opt.step()
-        critic = _critic_update(scoring, critic_opt, out, r.clips, r.k, r.refs, r.previous, partner, rng)
+        parts, critic = _rollout_dmd_update(backbone, opt, critic_opt, scoring, builder, out, r, rng)
         assert captured is not None
         cache.append(detached(captured))
         r.previous = x0_b.detach()
@@ -512,13 +521,7 @@ def train_refiner_dmd(backbone: WanDiT, refiner: WanDiT, scoring: TeacherScoring
         rcond = students.conditions.for_model(refiner, r.clips, r.k).student
         x_t2 = (1 - sigma2) * coarse + sigma2 * torch.randn_like(coarse)
         refined, _ = students.x0(refiner, x_t2, t2, rcond, r.refiner_cache)
-        partner = _partner(builder, r.clips) if r.k == 0 else None
-        dmd, parts = scoring.dmd_loss(refined, r.clips, r.k, r.refs, r.previous, partner, rng)
-        opt.zero_grad(set_to_none=True)
-        dmd.backward()
-        torch.nn.utils.clip_grad_norm_(refiner.parameters(), 1.0)
-        opt.step()
-        critic = _critic_update(scoring, critic_opt, refined, r.clips, r.k, r.refs, r.previous, partner, rng)
+        parts, critic = _rollout_dmd_update(refiner, opt, critic_opt, scoring, builder, refined, r, rng)
         with torch.no_grad():
             rcond = students.conditions.for_model(refiner, r.clips, r.k).student
             refiner_sampler.write_history(r.refiner_cache, rcond, refined.detach(), r.k)

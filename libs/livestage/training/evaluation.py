@@ -5,8 +5,10 @@ and measures, from the decoded frames:
 
 - lip sync: correlation between the mouth openness the evaluator reads and the loudness of the
   speak audio, frame by frame (and mouth openness while speaking vs silent);
-- listening: head/face motion while the user talks or just stopped, against idle silence, and
-  no false lip motion while listening (mouth openness while only the user speaks);
+- listening: nods (the head's pitch the evaluator reads, away from its resting pitch) and smiles
+  while the user talks or just stopped, against idle silence, and no false lip motion while
+  listening (mouth openness while only the user speaks). Pixel motion is reported too, but a
+  generator's flicker dominates it, so the responsiveness ratio is the nod ratio;
 - identity: evaluator-embedding distance of frames to the reference portrait, per minute;
 - artefacts: black frames, flicker (frame-to-frame luminance jumps, chunk-boundary jumps
   against within-chunk changes), colour drift per minute;
@@ -68,6 +70,7 @@ class RunMetrics:
         self.fps = fps
         self.ref_colour = reference_colour
         self.mouth: list[np.ndarray] = []
+        self.pose: list[np.ndarray] = []  # [T, 3] yaw, pitch, smile as read
         self.identity: list[float] = []  # one per sampled frame
         self.identity_t: list[float] = []
         self.luma: list[np.ndarray] = []
@@ -82,8 +85,9 @@ class RunMetrics:
         self.keep_frames = 0
 
     def add(self, frames: np.ndarray, seconds: float | None = None) -> None:
-        mouth, emb = self.evaluator.read(frames)
+        mouth, emb, pose = self.evaluator.read(frames)
         self.mouth.append(mouth)
+        self.pose.append(pose)
         for i in range(0, len(frames), 6):
             self.identity.append(float(1.0 - emb[i] @ self.ref))
             self.identity_t.append((self.frames + i) / self.fps)
@@ -102,6 +106,21 @@ class RunMetrics:
         if self.keep_frames and sum(len(k) for k in self.keep) < self.keep_frames:
             self.keep.append(frames)
 
+    def truncated(self, minutes: float) -> "RunMetrics":
+        """The readings of the first `minutes` only (every per-frame list cut at the same frame)."""
+        n = int(minutes * 60 * self.fps)
+        cut = RunMetrics(self.evaluator, self.ref, self.fps, self.ref_colour)
+        for name in ("mouth", "pose", "luma", "colour", "diff"):
+            setattr(cut, name, [np.concatenate(getattr(self, name))[:n]])
+        t = np.array(self.identity_t)
+        cut.identity = list(np.array(self.identity)[t < minutes * 60])
+        cut.identity_t = list(t[t < minutes * 60])
+        cut.boundary = self.boundary[:n]
+        cut.frames = min(n, self.frames)
+        cut.black = int((np.concatenate(self.luma)[:n] < 16).sum())
+        cut.seconds = self.seconds[: int(minutes * 60)]
+        return cut
+
     def summary(self, scenario: Scenario, minutes: float) -> dict:
         n = self.frames
         mouth = np.concatenate(self.mouth)[:n]
@@ -114,6 +133,10 @@ class RunMetrics:
         recent_user = _recent(listen_loud > 0.05, int(2 * self.fps)) & ~_recent(speaking, int(1 * self.fps))
         idle = ~_recent((listen_loud > 0.05) | speaking, int(3 * self.fps))
         diff = np.concatenate(self.diff)[:n]
+        pose = np.concatenate(self.pose)[:n]
+        nod = np.abs(pose[:, 1] - np.median(pose[:, 1]))  # degrees away from the resting pitch
+        smile = pose[:, 2]
+        listening = _recent(listen_loud > 0.05, int(self.fps)) & ~speaking
         boundary = np.array(self.boundary[:n])
         per_minute = []
         t = np.array(self.identity_t)
@@ -134,9 +157,10 @@ class RunMetrics:
                          "best_lag_frames": best[0], "best_lag_correlation": round(best[1], 4),
                          "mouth_open_speaking": round(float(mouth[speaking].mean()) if speaking.any() else 0.0, 4),
                          "mouth_open_silent": round(float(mouth[~speaking].mean()) if (~speaking).any() else 0.0, 4)},
-            "listening": {"motion_listening": round(float(diff[recent_user].mean()) if recent_user.any() else 0.0, 4),
-                          "motion_idle": round(float(diff[idle].mean()) if idle.any() else 0.0, 4),
-                          "mouth_open_while_user_speaks": round(float(mouth[user].mean()) if user.any() else 0.0, 4)},
+            "listening": {"nod_degrees_listening": _mean(nod, recent_user), "nod_degrees_idle": _mean(nod, idle),
+                          "smile_listening": _mean(smile, listening), "smile_idle": _mean(smile, idle),
+                          "pixel_motion_listening": _mean(diff, recent_user), "pixel_motion_idle": _mean(diff, idle),
+                          "mouth_open_while_user_speaks": _mean(mouth, user)},
             "identity": {"mean_distance": round(float(ident.mean()), 4), "per_minute": per_minute},
             "artefacts": {"black_frames": int(self.black),
                           "flicker_luma": round(float(np.abs(np.diff(np.concatenate(self.luma)[:n])).mean()), 4),
@@ -144,7 +168,8 @@ class RunMetrics:
                                                              if boundary.any() else 1.0, 3)},
         }
         lm = out["listening"]
-        lm["responsiveness_ratio"] = round(lm["motion_listening"] / max(lm["motion_idle"], 1e-6), 3)
+        lm["responsiveness_ratio"] = round(lm["nod_degrees_listening"] / max(lm["nod_degrees_idle"], 0.1), 3)
+        lm["smile_gain"] = round(lm["smile_listening"] - lm["smile_idle"], 4)
         if self.seconds:
             out["seconds_per_chunk_median"] = round(float(np.median(self.seconds)), 4)
         return out
@@ -152,6 +177,10 @@ class RunMetrics:
 
 def _fit(x: np.ndarray, n: int) -> np.ndarray:
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
+def _mean(values: np.ndarray, where: np.ndarray) -> float:
+    return round(float(values[where].mean()) if where.any() else 0.0, 4)
 
 
 def _recent(active: np.ndarray, frames: int) -> np.ndarray:
@@ -328,7 +357,7 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
     ident = data.identity_seeds.index(SAMPLE_IDENTITY_SEED)
     refs = character_references(data, ident)
     ref_img = data.reference_images[ident][:1]
-    _, ref_emb = evaluator.read(ref_img)
+    ref_emb = evaluator.read(ref_img).embedding
     ref_colour = ref_img.astype(np.float32).mean(axis=(0, 1, 2))
     rng = np.random.default_rng([config.seed, 101])
     long = long_session(corpus, config.long_minutes, rng)
@@ -365,7 +394,7 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
     dcost = run_distilled(models, refs, long, long_chunks, dm, bm, short_chunks, seed=config.seed)
     full = dm.summary(long, config.long_minutes)
     runs["backbone_1min"] = {**bm.summary(short, config.short_minutes), "nfe_per_chunk": 2}
-    runs["distilled_sinks_1min"] = _first_minutes(dm, short, config.short_minutes, evaluator, ref_emb[0], fps, ref_colour)
+    runs["distilled_sinks_1min"] = dm.truncated(config.short_minutes).summary(short, config.short_minutes)
     stage_seconds = dcost["stage_seconds_median"]
     runs["distilled_sinks_10min"] = {**full, "nfe_per_chunk": 4, "stage_seconds_median": stage_seconds,
                                      "dit_seconds_per_chunk": round(stage_seconds["generate"] + stage_seconds["refine"], 4),
@@ -420,24 +449,6 @@ def before_after(preset_name: str, weights: Path, out: Path) -> Path:
     return path
 
 
-def _first_minutes(m: RunMetrics, scenario: Scenario, minutes: float, evaluator, ref, fps, colour) -> dict:
-    """The summary of the first `minutes` of a longer run (same frames, truncated readings)."""
-    n = int(minutes * 60 * fps)
-    cut = RunMetrics(evaluator, ref, fps, colour)
-    cut.mouth = [np.concatenate(m.mouth)[:n]]
-    t = np.array(m.identity_t)
-    cut.identity = list(np.array(m.identity)[t < minutes * 60])
-    cut.identity_t = list(t[t < minutes * 60])
-    cut.luma = [np.concatenate(m.luma)[:n]]
-    cut.colour = [np.concatenate(m.colour)[:n]]
-    cut.diff = [np.concatenate(m.diff)[:n]]
-    cut.boundary = m.boundary[:n]
-    cut.frames = n
-    cut.black = int((np.concatenate(m.luma)[:n] < 16).sum())
-    cut.seconds = m.seconds[: int(minutes * 60)]
-    return cut.summary(scenario, minutes)
-
-
 def summarise(runs: dict[str, dict]) -> dict:
     t, d = runs["teacher_1min"], runs["distilled_sinks_1min"]
     s10, n10 = runs["distilled_sinks_10min"], runs["distilled_no_sinks_10min"]
@@ -457,6 +468,8 @@ def summarise(runs: dict[str, dict]) -> dict:
         "black_frames": {k: r["artefacts"]["black_frames"] for k, r in runs.items()},
         "listening_responsiveness_ratio": {k: runs[k]["listening"]["responsiveness_ratio"] for k in
                                            ("ground_truth_1min", "teacher_1min", "distilled_sinks_1min")},
+        "listening_smile_gain": {k: runs[k]["listening"]["smile_gain"] for k in
+                                 ("ground_truth_1min", "teacher_1min", "distilled_sinks_1min")},
         "distilled_vs_teacher": {
             "lip_sync_correlation_gap": round(t["lip_sync"]["mouth_loudness_correlation"]
                                               - d["lip_sync"]["mouth_loudness_correlation"], 4),
