@@ -3,13 +3,15 @@ stage back exactly, and the synchronous StreamingAvatar."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from livestage.media.samples import sample_character, sample_speech
 from livestage.models.bundle import build_models
 from livestage.runtime.pipeline import InProcessChunkPipeline
-from livestage.runtime.session_runtime import SessionRuntime
+from livestage.runtime.session_runtime import ChunkDelivery, SessionRuntime
 from livestage.runtime.session_state import SessionState, SessionStateMachine
 
 RATE = 16000
@@ -80,3 +82,57 @@ def test_state_machine_rejects_nothing_legal_and_ends_once():
     assert sm.on_interrupt(2) is None
     assert sm.end(3).current == SessionState.ENDED
     assert sm.on_chunk(4, True, False) is None
+
+
+class _ImmediatePipeline:
+    """A pipeline whose chunks are ready the moment they are submitted, and whose
+    `next_delivery`, when cancelled with a chunk already waiting, returns that chunk instead of
+    raising (what `asyncio.wait_for` around a queue does in Python 3.11 when the item arrives as
+    the wait is cancelled: the distributed pipeline's case)."""
+
+    def __init__(self, samples_per_chunk: int):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.samples = samples_per_chunk
+
+    async def submit(self, request) -> None:
+        self.queue.put_nowait(ChunkDelivery(
+            request.session_id, request.chunk_index, request.epoch, np.zeros((1, 2, 2, 3), np.uint8),
+            np.zeros(self.samples, np.float32), speaking=False, user_speaking=False))
+
+    async def next_delivery(self) -> ChunkDelivery:
+        try:
+            return await self.queue.get()
+        except asyncio.CancelledError:
+            if not self.queue.empty():
+                return self.queue.get_nowait()
+            raise
+
+    async def rollback(self, session_id, last_kept_chunk, epoch) -> None:
+        return None
+
+    async def recover(self, last_kept_chunk, epoch, dead_stages) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_playback_report_while_waiting_never_loses_a_chunk(models):
+    # Playback reports lag one chunk behind, so the runtime often waits on an empty pipeline
+    # and a report wakes it to submit the next chunk, which is ready at once. A runtime that
+    # cancelled its pending wait on that wake-up lost the chunk and stalled for good.
+    chunk = models.preset.chunk
+    runtime = SessionRuntime("s", chunk, _ImmediatePipeline(chunk.samples_per_chunk), lookahead=1,
+                             realtime=False)
+
+    async def publisher() -> None:
+        while True:
+            runtime.report_playback(runtime.played - 2)
+            await asyncio.sleep(0.005)
+
+    reporting = asyncio.create_task(publisher())
+    try:
+        await asyncio.wait_for(runtime.run(max_chunks=30), timeout=20)
+    finally:
+        reporting.cancel()
+    assert runtime.delivered == list(range(30))

@@ -16,6 +16,7 @@ session service plugs in a distributed one that sends the same requests over NAT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
@@ -114,6 +115,7 @@ class SessionRuntime:
         self._reported_played = -1
         self._reported_at: float | None = None
         self.playback_report_ttl_s = 10.0
+        self._pending_delivery: asyncio.Future | None = None
 
     # -- inputs (take effect at chunk boundaries) ---------------------------------------------
     def push_speak_audio(self, samples: np.ndarray) -> None:
@@ -209,51 +211,70 @@ class SessionRuntime:
             self._clock_start = now - chunk_index * self.chunk.chunk_seconds  # fell behind: re-anchor
 
     async def _next_delivery_or_stop(self) -> ChunkDelivery | None:
-        """The next delivery; None when `stop()` is called or an interrupt needs new requests."""
+        """The next delivery; None when `stop()` is called or something woke the loop (an
+        interrupt that needs new requests, a playback report that opens lookahead slots).
+
+        The wait for the pipeline is never cancelled on a wake-up: it stays pending and the next
+        call picks it up. Cancelling it could lose a delivery it had already taken (a pipeline's
+        `next_delivery` that wraps its queue in `asyncio.wait_for` returns the item instead of
+        raising when cancelled just as the item arrives), and the session would then wait forever
+        for a chunk that was generated and dropped."""
         self._wake.clear()
-        delivery = asyncio.ensure_future(self.pipeline.next_delivery())
+        if self._pending_delivery is None:
+            self._pending_delivery = asyncio.ensure_future(self.pipeline.next_delivery())
+        delivery = self._pending_delivery
         stopped = asyncio.ensure_future(self._stop.wait())
         woken = asyncio.ensure_future(self._wake.wait())
-        done, _ = await asyncio.wait({delivery, stopped, woken}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({delivery, stopped, woken}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         woken.cancel()
-        if delivery in done:
+        if delivery.done():
+            self._pending_delivery = None
             return delivery.result()
-        delivery.cancel()
         return None
+
+    async def _drop_pending_delivery(self) -> None:
+        if self._pending_delivery is not None:
+            self._pending_delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pending_delivery
+            self._pending_delivery = None
 
     async def run(self, max_chunks: int | None = None) -> None:
         """Produces chunks until `stop()` (or `max_chunks` delivered)."""
-        while not self._stop.is_set():
-            if max_chunks is not None and self.played >= max_chunks:
-                break
-            await self._fill_lookahead()
-            try:
-                delivery = await self._next_delivery_or_stop()
-            except StageFailure as failure:
-                await self._recover(failure)
-                continue
-            if delivery is None:
-                continue  # stopped (the loop condition ends it) or woken to refill after an interrupt
-            if delivery.epoch != self.epoch or delivery.chunk_index != self.played:
-                continue  # generated before an interrupt (or a duplicate): never shown
-            await self._wait_for_slot(delivery.chunk_index)
-            if delivery.epoch != self.epoch:
-                continue  # interrupted while waiting for its slot
-            if self.first_chunk_latency_s is None:
-                self.first_chunk_latency_s = time.perf_counter() - self._started_at
-            self.played = delivery.chunk_index + 1
-            self.delivered.append(delivery.chunk_index)
-            await self._emit_transition(
-                self.state.on_chunk(delivery.chunk_index, delivery.speaking, delivery.user_speaking))
-            if self.on_chunk is not None:
-                await self.on_chunk(delivery)
-            await self.events("chunk", {"chunk": delivery.chunk_index,
-                                        "frames": int(delivery.frames.shape[0]),
-                                        "shape": list(delivery.frames.shape),
-                                        "timings_ms": delivery.timings_ms})
-            self.speak.trim_before(self.played)
-            self.listen.trim_before(self.played)
+        try:
+            while not self._stop.is_set():
+                if max_chunks is not None and self.played >= max_chunks:
+                    break
+                await self._fill_lookahead()
+                try:
+                    delivery = await self._next_delivery_or_stop()
+                except StageFailure as failure:
+                    await self._recover(failure)
+                    continue
+                if delivery is None:
+                    continue  # stopped (the loop condition ends it) or woken to refill after an interrupt
+                if delivery.epoch != self.epoch or delivery.chunk_index != self.played:
+                    continue  # generated before an interrupt (or a duplicate): never shown
+                await self._wait_for_slot(delivery.chunk_index)
+                if delivery.epoch != self.epoch:
+                    continue  # interrupted while waiting for its slot
+                if self.first_chunk_latency_s is None:
+                    self.first_chunk_latency_s = time.perf_counter() - self._started_at
+                self.played = delivery.chunk_index + 1
+                self.delivered.append(delivery.chunk_index)
+                await self._emit_transition(
+                    self.state.on_chunk(delivery.chunk_index, delivery.speaking, delivery.user_speaking))
+                if self.on_chunk is not None:
+                    await self.on_chunk(delivery)
+                await self.events("chunk", {"chunk": delivery.chunk_index,
+                                            "frames": int(delivery.frames.shape[0]),
+                                            "shape": list(delivery.frames.shape),
+                                            "timings_ms": delivery.timings_ms})
+                self.speak.trim_before(self.played)
+                self.listen.trim_before(self.played)
+        finally:
+            await self._drop_pending_delivery()
         await self._emit_transition(self.state.end(self.played))
 
     @property
