@@ -23,6 +23,7 @@ from livestage.training.distillation import (
     history_chunks,
     make_fake_critic,
 )
+from livestage.training import loop
 from livestage.training.loop import read_losses
 from livestage.training.recipe import Recipe, RecipeConfig
 from livestage.training.teacher import clip_conditions, clip_flow, reference_views, sigma_grid
@@ -281,3 +282,12 @@ def test_the_rollout_stages_train_through_the_streaming_caches(tiny_recipe):
     assert all(np.isfinite(r["dmd"]) and np.isfinite(r["critic"]) for r in rows)
     refiner_rows = read_losses(recipe.workdir / "stage4_refiner" / "losses.jsonl")
     assert all(r["coarse_to_refined"] > 0 for r in refiner_rows)
+
+
+def test_the_loss_plot_leaves_out_where_a_step_was(monkeypatch, tmp_path):
+    plotted = {}
+    monkeypatch.setattr(loop, "plot_lines", lambda series, path, **kw: plotted.update(series))
+    history = [{"step": i, "s": 0.1 * i, "loss": 1.0 / (i + 1), "depth": float(i % 20), "chunk": i % 8}
+               for i in range(40)]
+    loop.plot_losses(history, tmp_path / "losses.png")
+    assert set(plotted) == {"loss"}

@@ -641,7 +641,7 @@ class CausalVideoVAE(nn.Module):
             raise ValueError(f"video height and width must be positive multiples of {sf}, "
                              f"got {h}x{w}")
         step = tf * ENCODE_LATENTS_PER_PASS
-        bounds = [0, *range(lead + step if start else step, t, step), t]  # first pass: first frame + one group
+        bounds = [0, *range(lead + step, t, step), t]  # a stream's first pass: its first frame + one group
         parts = []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             parts.append(self.encoder(video[:, :, lo:hi], state.tails, stream_start=state.frames_encoded == 0))

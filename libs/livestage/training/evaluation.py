@@ -60,6 +60,10 @@ class EvaluationConfig:
     seed: int = 0
 
 
+BLACK_LUMA = 16.0
+"""A frame whose mean 0..255 value is below this counts as black."""
+
+
 class RunMetrics:
     """Accumulates per-frame readings of one run, chunk by chunk (a 10-minute run is not kept)."""
 
@@ -92,9 +96,10 @@ class RunMetrics:
             self.identity.append(float(1.0 - emb[i] @ self.ref))
             self.identity_t.append((self.frames + i) / self.fps)
         f = frames.astype(np.float32)
-        self.luma.append(f.mean(axis=(1, 2, 3)))
+        luma = f.mean(axis=(1, 2, 3))
+        self.luma.append(luma)
         self.colour.append(f.mean(axis=(1, 2)))
-        self.black += int((f.mean(axis=(1, 2, 3)) < 16).sum())
+        self.black += int((luma < BLACK_LUMA).sum())
         prev = f[:1] if self._last is None else self._last[None]
         chain = np.concatenate([prev, f])
         self.diff.append(np.abs(np.diff(chain, axis=0)).mean(axis=(1, 2, 3)))
@@ -117,7 +122,7 @@ class RunMetrics:
         cut.identity_t = list(t[t < minutes * 60])
         cut.boundary = self.boundary[:n]
         cut.frames = min(n, self.frames)
-        cut.black = int((np.concatenate(self.luma)[:n] < 16).sum())
+        cut.black = int((cut.luma[0] < BLACK_LUMA).sum())
         cut.seconds = self.seconds[: int(minutes * 60)]
         return cut
 
@@ -207,6 +212,10 @@ FLOP_CHUNK = 6
 students (their steady-state cost), continuation for the teacher."""
 
 
+def _is_flop_chunk(k: int, chunks: int) -> bool:
+    return k == min(FLOP_CHUNK, chunks - 1)
+
+
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -262,7 +271,7 @@ def run_distilled(models: AvatarModels, refs, scenario: Scenario, chunks: int, m
         speak, listen = chunk_windows(scenario, k)
         inputs = enc.encode_chunk(k, speak, listen)
         t1 = time.perf_counter()
-        with FlopCount(k == min(FLOP_CHUNK, chunks - 1)) as count:
+        with FlopCount(_is_flop_chunk(k, chunks)) as count:
             coarse = gen.generate(inputs)
             t2 = time.perf_counter()
             clean = ref.refine(inputs, coarse)
@@ -309,7 +318,7 @@ def run_teacher(teacher: WanDiT, models: AvatarModels, refs, scenario: Scenario,
         uncond = clip_conditions(teacher, text, feats[0:1] * 0, feats[1:2] * 0, views, 2, hw)
         n = (2 if joint else 1)
         noise = torch.randn(1, p.vae.z_dim, lpc * n, *hw, generator=torch.Generator().manual_seed(k))
-        with FlopCount(k == min(FLOP_CHUNK, chunks - 1)) as count:
+        with FlopCount(_is_flop_chunk(k, chunks)) as count:
             x0 = sampler.sample(noise, cond, uncond, context=previous).clean
         dit_flops = count.flops or dit_flops
         gen_s = (time.perf_counter() - t0) / n

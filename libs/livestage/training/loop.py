@@ -184,11 +184,17 @@ def plot_lines(series: dict[str, list[tuple[float, float]]], path: Path, title: 
     img.save(path)
 
 
+CONTEXT_KEYS = frozenset({"step", "s", "chunk", "depth", "sigma"})
+"""Log columns that say where a step was (its index, seconds, rollout chunk, stream depth, noise
+level), not how well it did: kept in the log and the summaries, left out of the loss plot, where
+their scale would flatten the losses."""
+
+
 def plot_losses(history: list[dict], path: Path, title: str = "", smooth: int = 20) -> None:
     """Smoothed (moving average) curve of every loss in a stage's log."""
     if not history:
         return
-    keys = [k for k in history[0] if k not in ("step", "s")]
+    keys = [k for k in history[0] if k not in CONTEXT_KEYS]
     series = {}
     for k in keys:
         vals = np.array([r.get(k, np.nan) for r in history], dtype=np.float64)

@@ -105,6 +105,12 @@ def sample_segments(data: RenderedDataset, rng: np.random.Generator, batch: int,
     return torch.stack(out)
 
 
+def _with_latent_noise(z: torch.Tensor, config: VAETrainingConfig) -> torch.Tensor:
+    """Noise relative to the latents' spread (a fixed signal-to-noise ratio whatever their scale):
+    the decoder must cope with the imprecise latents a DiT produces."""
+    return z + config.latent_noise * z.detach().std() * torch.randn_like(z)
+
+
 def _vae_update(vae: CausalVideoVAE, opt: torch.optim.Optimizer, config: VAETrainingConfig,
                 video: torch.Tensor, z: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
     """One optimiser step of every VAE phase: the reconstruction loss plus a small penalty on the
@@ -148,9 +154,6 @@ def train_deep_stream(vae: CausalVideoVAE, data: RenderedDataset, workdir, confi
     tf = vae.config.temporal_factor
     h, w = data.frames.shape[1:3]
 
-    def noisy(z: torch.Tensor) -> torch.Tensor:
-        return z + config.latent_noise * z.detach().std() * torch.randn_like(z)
-
     def step(i: int) -> dict[str, float]:
         warm = int(rng.integers(0, config.deep_max_warm_latents + 1))
         video = sample_segments(data, rng, config.deep_batch, 1 + tf * (warm + config.deep_latents - 1),
@@ -159,9 +162,10 @@ def train_deep_stream(vae: CausalVideoVAE, data: RenderedDataset, workdir, confi
         first = 1 + tf * (warm - 1) if warm else 0  # the first frame of the trained latents
         if warm:
             with torch.no_grad():
-                vae.decode_chunk(noisy(vae.encode_chunk(video[:, :, :first], encoding)), decoding)
+                vae.decode_chunk(_with_latent_noise(vae.encode_chunk(video[:, :, :first], encoding), config),
+                                 decoding)
         z = vae.encode_chunk(video[:, :, first:], encoding)
-        rec = vae.decode_chunk(noisy(z), decoding)
+        rec = vae.decode_chunk(_with_latent_noise(z, config), decoding)
         return {**_vae_update(vae, opt, config, video[:, :, first:], z, rec), "depth": float(warm)}
 
     return run_stage(stage, step, log=log)
@@ -179,8 +183,7 @@ def _train_vae_phase(vae: CausalVideoVAE, data: RenderedDataset, workdir, config
     def step(i: int) -> dict[str, float]:
         video = sample_segments(data, rng, batch, frames, config.crop, h, w)
         z = vae.encode(video)
-        # noise relative to the latent scale: a fixed signal-to-noise ratio whatever the scale
-        rec = vae.decode(z + config.latent_noise * z.detach().std() * torch.randn_like(z))
+        rec = vae.decode(_with_latent_noise(z, config))
         return _vae_update(vae, opt, config, video, z, rec)
 
     return run_stage(stage, step, log=log)
