@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--until", default="export", help="stop after this stage")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=0)
+    train.add_argument("--warm-start", type=Path, default=None,
+                       help="start from earlier exported weights: keep their VAE, fine-tune their teacher")
 
     evaluate = sub.add_parser("evaluate", help="quality report of the trained demo model (JSON + plots)")
     evaluate.add_argument("--preset", default="demo")
@@ -194,14 +196,17 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from livestage.training.recipe import STAGES, Recipe
+    from livestage.training.recipe import STAGES, Recipe, RecipeConfig
 
     if args.until not in STAGES:
         raise CliError(f"--until must be one of {', '.join(STAGES)}, got {args.until!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(".work/train") / args.preset
-    summary = Recipe(args.preset, workdir, out=args.out, seed=args.seed,
+    config = RecipeConfig.for_preset(args.preset)
+    if args.warm_start is not None:
+        config.warm_start = str(args.warm_start)
+    summary = Recipe(args.preset, workdir, config, out=args.out, seed=args.seed,
                      log=lambda line: print(line, flush=True)).run(args.until)
     _emit(summary)
     return 0

@@ -59,8 +59,12 @@ class FramesListener:
         return self
 
     async def wait_for(self, n: int, timeout: float = 60) -> None:
+        await self.wait_until(lambda chunks: len(chunks) >= n, timeout)
+
+    async def wait_until(self, condition, timeout: float = 60) -> None:
+        """Waits until `condition(chunks)` holds for the chunks received so far."""
         async def loop():
-            while len(self.chunks) < n:
+            while not condition(self.chunks):
                 self.arrived.clear()
                 await self.arrived.wait()
         await asyncio.wait_for(loop(), timeout)

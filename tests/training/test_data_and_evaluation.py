@@ -86,6 +86,15 @@ def test_rendered_dataset_is_aligned_with_its_audio_and_ground_truth(rendered):
     assert rendered.identity_seeds[0] == 1000 and len(rendered.reference_images) == 3
 
 
+def test_rendered_clips_made_with_other_settings_are_refused_not_reused(rendered):
+    # the same settings find the cached clips
+    assert render_dataset(rendered.root, DEMO, synthetic_corpus(12), identities=3, clips_per_identity=1, chunks=3,
+                          sample_identity_weight=2, log=lambda line: None) == rendered.root
+    with pytest.raises(ValueError, match="other settings.*remove the work directory"):
+        render_dataset(rendered.root, DEMO, synthetic_corpus(12), identities=3, clips_per_identity=2, chunks=3,
+                       sample_identity_weight=2, log=lambda line: None)
+
+
 @pytest.fixture(scope="module")
 def evaluator(rendered, tmp_path_factory):
     return train_evaluator(rendered, None, tmp_path_factory.mktemp("ev") / "evaluator.pt", steps=300, batch=16,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from livestage.models.bundle import build_models
@@ -291,3 +292,60 @@ def test_the_loss_plot_leaves_out_where_a_step_was(monkeypatch, tmp_path):
                for i in range(40)]
     loop.plot_losses(history, tmp_path / "losses.png")
     assert set(plotted) == {"loss"}
+
+
+def _distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return sum((p - q).pow(2).sum().item() for p, q in zip(a.state_dict().values(), b.state_dict().values())) ** 0.5
+
+
+def test_a_warm_start_keeps_the_vae_and_fine_tunes_the_teacher_from_the_given_weights(tiny_recipe, tmp_path):
+    from livestage.models.weights import load_weights
+
+    recipe, _ = tiny_recipe
+    source = recipe.out
+    workdir = tmp_path / "warm"
+    workdir.mkdir()
+    (workdir / "corpus.npz").write_bytes((recipe.workdir / "corpus.npz").read_bytes())
+    cfg = RecipeConfig.for_preset("tiny")
+    cfg.warm_start = str(source)
+    summary = Recipe("tiny", workdir, cfg, out=tmp_path / "out", log=lambda line: None).run("teacher")
+    assert summary["stages"]["vae"]["warm_start"] == str(source)
+    assert "steps" not in summary["stages"]["vae"]
+    assert not (workdir / "vae").exists()  # no VAE training at all
+    assert summary["stages"]["teacher"]["steps"] == cfg.warm_teacher.steps
+    # the latents were encoded by the warm-start VAE: the same clip encodes to the same latents
+    assert torch.equal(LatentDataset.load(workdir / "latents.pt").latents,
+                       LatentDataset.load(recipe.workdir / "latents.pt").latents)
+    # the fine-tuned teacher moved, but stayed near the weights it started from
+    state = torch.load(workdir / "teacher" / "state.pt", weights_only=False)["modules"]["teacher"]
+    tuned, started, scratch = (WanDiT(PRESET.dit, PRESET.chunk) for _ in range(3))
+    tuned.load_state_dict(state)
+    load_weights(started, source / "teacher.safetensors")
+    seeded_init(scratch, 0)
+    assert 0 < _distance(tuned, started) < 0.5 * _distance(tuned, scratch)
+    # the starting weights were kept apart from what a later export writes over
+    assert (workdir / "warm_start" / "teacher.safetensors").read_bytes() == (source / "teacher.safetensors").read_bytes()
+
+
+def test_a_warm_start_without_the_teacher_file_names_what_is_missing(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "vae.safetensors").write_bytes(b"")
+    cfg = RecipeConfig.for_preset("tiny")
+    cfg.warm_start = str(tmp_path / "w")
+    recipe = Recipe("tiny", tmp_path / "work", cfg, log=lambda line: None)
+    recipe.workdir.mkdir()
+    with pytest.raises(FileNotFoundError, match="audio_encoder.*teacher.safetensors"):
+        recipe._warm_start_weights()
+
+
+def test_nods_and_smiles_are_found_per_latent_frame():
+    from livestage.training.dataset import behaviour_per_latent
+
+    motion = np.zeros((24, 3), np.float32)
+    motion[5, 1] = -16.0   # a full nod (either direction) in latent 1's frames
+    motion[9, 2] = 0.3     # a faint smile in latent 2's frames
+    motion[13, 1] = 40.0   # a look far up is clipped to full strength
+    motion[:, 0] = 25.0    # yaw (looking aside) is not a nod or a smile
+    got = behaviour_per_latent(motion, 4)
+    assert got.shape == (6,)
+    assert np.allclose(got, [0.0, 1.0, 0.3, 1.0, 0.0, 0.0])

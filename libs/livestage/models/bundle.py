@@ -49,7 +49,7 @@ def shipped_weights_dir(preset: str) -> Path | None:
     return None
 
 
-def _latent_stats(path: Path) -> tuple[list[float], list[float]] | None:
+def read_latent_stats(path: Path) -> tuple[list[float], list[float]] | None:
     meta = read_metadata(path)
     if "latent_mean" not in meta or "latent_std" not in meta:
         return None
@@ -135,7 +135,7 @@ def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = Non
         allow = is_extra_key if (allow_base_wan and name in ("backbone", "refiner")) else None
         sources[name] = load_weights(module, path, allow_missing=allow)
     vae: CausalVideoVAE = modules["vae"]  # type: ignore[assignment]
-    stats = _latent_stats(Path(weights_dir) / WEIGHT_FILES["vae"]) if weights_dir is not None else None
+    stats = read_latent_stats(Path(weights_dir) / WEIGHT_FILES["vae"]) if weights_dir is not None else None
     if stats is not None:
         vae.set_latent_stats(torch.tensor(stats[0]), torch.tensor(stats[1]))
     elif preset.vae.z_dim == len(WAN21_LATENT_MEAN) and weights_dir is not None and preset.name in (

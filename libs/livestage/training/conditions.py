@@ -53,6 +53,10 @@ class ConditionBuilder:
     def latents(self, windows: list[Window]) -> torch.Tensor:
         return torch.stack([self.data.chunk_latents(w.clip, w.first_chunk, w.chunks) for w in windows])
 
+    def behaviour(self, windows: list[Window]) -> torch.Tensor:
+        """[B, latent frames] nod-or-smile strength of each window's latent frames (0..1)."""
+        return torch.stack([self.data.chunk_behaviour(w.clip, w.first_chunk, w.chunks) for w in windows])
+
     def audio_windows(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw audio [B, samples] of the speak and listen windows."""
         hist = self.preset.chunk.audio_history_chunks

@@ -27,7 +27,8 @@ import torch
 from livestage.models.config import ModelPreset
 from livestage.models.vae import CausalVideoVAE
 from livestage.training.corpus import SpeechCorpus
-from livestage.training.renderer import Identity, MotionModel, references, render_face
+from livestage.training.renderer import (DIRECTED_NOD_DEGREES, LISTENING_NOD_DEGREES, Identity, MotionModel,
+                                         references, render_face)
 from livestage.training.scenarios import Scenario, audio_window, conversation
 
 REFERENCE_LAYOUT: tuple[tuple[str, int], ...] = (
@@ -78,7 +79,15 @@ def render_dataset(out: Path, preset: ModelPreset, corpus: SpeechCorpus, identit
                    sample_identity_weight: int = 3, log=print) -> Path:
     """Renders the clip set into `out` (frames.npy memmap + clips.json + audio.npz + refs.npz)."""
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"identities": identities, "clips_per_identity": clips_per_identity, "chunks": chunks,
+                "seed": seed, "sample_identity_weight": sample_identity_weight, "size": [preset.height, preset.width],
+                "listening_nod_degrees": LISTENING_NOD_DEGREES, "directed_nod_degrees": DIRECTED_NOD_DEGREES,
+                "listening_smile": MotionModel.listening_smile}
     if (out / "clips.json").is_file():
+        kept = json.loads((out / "clips.json").read_text()).get("settings")
+        if kept != settings:
+            raise ValueError(f"{out} holds clips rendered with other settings ({kept}, now {settings}): everything "
+                             f"trained from them is stale too; remove the work directory {out.parent} or use another")
         return out
     fps, size = preset.chunk.fps, (preset.height, preset.width)
     seeds = identity_seeds(identities)
@@ -110,7 +119,7 @@ def render_dataset(out: Path, preset: ModelPreset, corpus: SpeechCorpus, identit
     np.savez(out / "audio.npz", **audio)
     np.savez(out / "states.npz", mouth_open=np.stack(mouth), motion=np.stack(motion))
     (out / "frames.tmp.npy").rename(out / "frames.npy")
-    (out / "clips.json").write_text(json.dumps({"fps": fps, "sample_rate": corpus.sample_rate,
+    (out / "clips.json").write_text(json.dumps({"settings": settings, "fps": fps, "sample_rate": corpus.sample_rate,
                                                 "frames_per_clip": per_clip, "clips": meta}))
     return out
 
@@ -154,6 +163,9 @@ class LatentDataset:
     listen: list[np.ndarray]
     preroll_s: list[int]
     sample_rate: int
+    behaviour: torch.Tensor | None = None
+    """[clips, 6N] in 0..1: how much nod (pitch) or smile each latent frame shows (see
+    `behaviour_per_latent`); the teacher weights those frames up. None in datasets saved before it."""
 
     @property
     def chunks(self) -> int:
@@ -173,8 +185,14 @@ class LatentDataset:
         lpc = self._latents_per_chunk
         return self.latents[clip, :, first_chunk * lpc:(first_chunk + chunks) * lpc].float()
 
+    def chunk_behaviour(self, clip: int, first_chunk: int, chunks: int) -> torch.Tensor:
+        lpc = self._latents_per_chunk
+        if self.behaviour is None:
+            return torch.zeros(chunks * lpc)
+        return self.behaviour[clip, first_chunk * lpc:(first_chunk + chunks) * lpc]
+
     def save(self, path: Path) -> None:
-        torch.save({"latents": self.latents, "references": self.references, "identity": self.identity,
+        torch.save({"latents": self.latents, "behaviour": self.behaviour, "references": self.references, "identity": self.identity,
                     "directives": self.directives, "speak": self.speak, "listen": self.listen,
                     "preroll_s": self.preroll_s, "sample_rate": self.sample_rate,
                     "latents_per_chunk": self._latents_per_chunk}, path)
@@ -183,9 +201,22 @@ class LatentDataset:
     def load(cls, path: Path) -> "LatentDataset":
         d = torch.load(path, weights_only=False)
         ds = cls(d["latents"], d["references"], d["identity"], d["directives"], d["speak"],
-                 d["listen"], d["preroll_s"], d["sample_rate"])
+                 d["listen"], d["preroll_s"], d["sample_rate"], d.get("behaviour"))
         ds._latents_per_chunk = d["latents_per_chunk"]
         return ds
+
+
+def behaviour_per_latent(motion: np.ndarray, frames_per_latent: int, nod_degrees: float = LISTENING_NOD_DEGREES) -> np.ndarray:
+    """Per-frame [F, 3] yaw, pitch, smile -> per-latent [F / frames_per_latent] nod-or-smile
+    strength in 0..1 (the strongest frame of each latent's frames).
+
+    Nods and smiles are small in pixels (a 16-degree nod moves a 128-pixel face by about 6
+    pixels), so an unweighted flow-matching loss hardly notices them; the teacher weights these
+    frames up so that listening behaviour is learnt at all."""
+    pitch = np.abs(motion[:, 1]) / nod_degrees
+    smile = motion[:, 2]
+    per_frame = np.clip(np.maximum(pitch, smile), 0.0, 1.0)
+    return per_frame.reshape(-1, frames_per_latent).max(axis=1).astype(np.float32)
 
 
 @torch.no_grad()
@@ -213,6 +244,8 @@ def encode_dataset(rendered: RenderedDataset, vae: CausalVideoVAE, latents_per_c
                        [c["identity"] for c in rendered.clips], [c["directives"] for c in rendered.clips],
                        rendered.speak, rendered.listen, [c["preroll_s"] for c in rendered.clips],
                        rendered.sample_rate)
+    per_latent = vae.config.temporal_factor
+    ds.behaviour = torch.from_numpy(np.stack([behaviour_per_latent(m, per_latent) for m in rendered.motion]))
     ds._latents_per_chunk = latents_per_chunk
     return ds
 

@@ -62,12 +62,17 @@ from livestage.training.teacher import (
 from livestage.training.teacher_training import sample_sigma
 
 
+TEACHER_STEPS = 20
+"""Euler steps the teacher samples with (CFG doubles its network evaluations): its "full steps".
+The first shipped run used 16; the public avatar teachers use 50."""
+
+
 @dataclass
 class DistillationConfig:
     batch: int = 4
     sequences: int = 48
     sequence_chunks: int = 8
-    teacher_steps: int = 16
+    teacher_steps: int = TEACHER_STEPS
     guidance: float = 3.0
     stage1_steps: int = 500
     stage2_steps: int = 300

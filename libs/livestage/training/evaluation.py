@@ -43,6 +43,7 @@ from livestage.runtime.stages import ConditionEncoder, DecoderSession, Generator
 from livestage.training.corpus import load_or_synthesize
 from livestage.training.dataset import REFERENCE_LAYOUT, SAMPLE_IDENTITY_SEED, RenderedDataset, frames_to_tensor
 from livestage.training.evaluator import FaceEvaluator, train_evaluator
+from livestage.training.distillation import TEACHER_STEPS
 from livestage.training.loop import plot_lines
 from livestage.training.recipe import TEACHER_FILE, Recipe
 from livestage.training.renderer import Identity, audio_features
@@ -55,7 +56,7 @@ from livestage.training.dataset import render_scenario
 class EvaluationConfig:
     long_minutes: float = 10.0
     short_minutes: float = 1.0
-    teacher_steps: int = 16
+    teacher_steps: int = TEACHER_STEPS
     guidance: float = 3.0
     seed: int = 0
 

@@ -25,7 +25,7 @@ from livestage.models.vae import CausalVideoVAE
 from livestage.training.dataset import RenderedDataset, frames_to_tensor, tensor_to_frames
 
 
-POSE_SCALE = np.array([30.0, 15.0, 1.0], np.float32)  # yaw, pitch (degrees), smile -> about -1..1
+POSE_SCALE = np.array([30.0, 20.0, 1.0], np.float32)  # yaw, pitch (degrees), smile -> about -1..1
 
 
 class FaceReading(NamedTuple):

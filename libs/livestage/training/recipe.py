@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,13 +25,13 @@ from pathlib import Path
 import torch
 
 from livestage.models.audio import LogMelAudioEncoder
-from livestage.models.bundle import TRAINED_ROOT, WEIGHT_FILES
+from livestage.models.bundle import TRAINED_ROOT, WEIGHT_FILES, read_latent_stats
 from livestage.models.config import ModelPreset, get_preset
 from livestage.models.dit import WanDiT
 from livestage.models.sampler import FlowMatchSchedule
 from livestage.models.text import HashedTextEncoder
 from livestage.models.vae import CausalVideoVAE
-from livestage.models.weights import save_weights, seeded_init
+from livestage.models.weights import load_weights, save_weights, seeded_init
 from livestage.training.conditions import ConditionBuilder
 from livestage.training.corpus import load_or_synthesize
 from livestage.training.dataset import LatentDataset, RenderedDataset, encode_dataset, render_dataset
@@ -75,6 +76,12 @@ class RecipeConfig:
     teacher: TeacherTrainingConfig = field(default_factory=lambda: TeacherTrainingConfig(steps=2400))
     distill: DistillationConfig = field(default_factory=lambda: DistillationConfig(sequences=32))
     threads: int = 0
+    warm_start: str | None = None
+    """A directory of earlier exported weights (VAE, teacher, encoders) to start from: the VAE is
+    taken as it is and the teacher fine-tuned (`warm_teacher`) instead of trained from zero; the
+    distillation stages run in full. For a change of data or teacher loss that does not need a
+    new VAE (the renderer's bigger listening nods were one)."""
+    warm_teacher: TeacherTrainingConfig = field(default_factory=lambda: TeacherTrainingConfig(steps=1500, lr=2e-4))
 
     @classmethod
     def for_preset(cls, name: str) -> "RecipeConfig":
@@ -86,6 +93,7 @@ class RecipeConfig:
                                              stream_batch=2, stream_latents_per_segment=2, deep_steps=6,
                                              deep_batch=2, deep_max_warm_latents=4, deep_latents=2),
                        teacher=TeacherTrainingConfig(steps=12, batch=2, checkpoint_every=6),
+                       warm_teacher=TeacherTrainingConfig(steps=6, batch=2, checkpoint_every=3),
                        distill=DistillationConfig(batch=2, sequences=2, sequence_chunks=8, teacher_steps=4,
                                                   stage1_steps=8, stage2_steps=4, stage3_steps=10,
                                                   stage4_steps=10, checkpoint_every=4, rollout_chunks=8))
@@ -124,14 +132,20 @@ class Recipe:
         if stop < 1:
             return self._finish(began)
 
+        warm = self._warm_start_weights()
         vae = CausalVideoVAE(p.vae)
-        seeded_init(vae, self.seed * 101 + 2)
-        init_for_training(vae)
-        self.summaries["vae"] = train_vae(vae, rendered, self.workdir, cfg.vae, self.seed, log=self.log)
-        stats_path = self.workdir / "vae" / "latent_stats.pt"
-        if not stats_path.is_file():
-            torch.save(fit_latent_stats(vae, rendered), stats_path)
-        mean, std = torch.load(stats_path)
+        if warm is not None:
+            load_weights(vae, warm / WEIGHT_FILES["vae"])
+            mean, std = (torch.tensor(v) for v in read_latent_stats(warm / WEIGHT_FILES["vae"]))
+            self.summaries["vae"] = {"warm_start": cfg.warm_start}
+        else:
+            seeded_init(vae, self.seed * 101 + 2)
+            init_for_training(vae)
+            self.summaries["vae"] = train_vae(vae, rendered, self.workdir, cfg.vae, self.seed, log=self.log)
+            stats_path = self.workdir / "vae" / "latent_stats.pt"
+            if not stats_path.is_file():
+                torch.save(fit_latent_stats(vae, rendered), stats_path)
+            mean, std = torch.load(stats_path)
         vae.set_latent_stats(mean, std)
         vae.eval().requires_grad_(False)
         self.summaries["vae"]["psnr_db"] = round(reconstruction_psnr(vae, rendered.clip_frames(0)), 2)
@@ -146,13 +160,19 @@ class Recipe:
             return self._finish(began)
 
         teacher = self._dit(0)
-        init_teacher_for_training(teacher)
         audio_encoder = LogMelAudioEncoder(p.dit.audio_dim, p.chunk.fps, p.chunk.sample_rate)
         seeded_init(audio_encoder, self.seed * 101 + 3)
         text_encoder = HashedTextEncoder(p.text_vocab_size, p.dit.text_dim, p.text_max_tokens)
         seeded_init(text_encoder, self.seed * 101 + 4)
+        if warm is not None:
+            load_weights(teacher, warm / TEACHER_FILE)
+            load_weights(audio_encoder, warm / WEIGHT_FILES["audio_encoder"])
+            load_weights(text_encoder, warm / WEIGHT_FILES["text_encoder"])
+        else:
+            init_teacher_for_training(teacher)
         builder = ConditionBuilder(data, p, audio_encoder, text_encoder)
-        self.summaries["teacher"] = train_teacher(teacher, builder, self.workdir, cfg.teacher, self.latent_hw,
+        teacher_config = cfg.warm_teacher if warm is not None else cfg.teacher
+        self.summaries["teacher"] = train_teacher(teacher, builder, self.workdir, teacher_config, self.latent_hw,
                                                   self.seed, log=self.log)
         for m in (teacher, audio_encoder, text_encoder):
             m.eval().requires_grad_(False)
@@ -191,6 +211,26 @@ class Recipe:
             return self._finish(began)
         self.export(backbone, refiner, vae, audio_encoder, text_encoder, teacher)
         return self._finish(began)
+
+    def _warm_start_weights(self) -> Path | None:
+        """The warm-start weights, copied into the work directory on first use: a resumed run
+        must not pick up what its own export has since written over them."""
+        if not self.config.warm_start:
+            return None
+        kept = self.workdir / "warm_start"
+        if not kept.is_dir():
+            source = Path(self.config.warm_start)
+            files = [WEIGHT_FILES["vae"], WEIGHT_FILES["audio_encoder"], WEIGHT_FILES["text_encoder"], TEACHER_FILE]
+            missing = [f for f in files if not (source / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"warm_start {source} lacks {', '.join(missing)}")
+            tmp = self.workdir / "warm_start.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for f in files:
+                shutil.copy2(source / f, tmp / f)
+            tmp.rename(kept)
+        return kept
 
     def export(self, backbone: WanDiT, refiner: WanDiT, vae: CausalVideoVAE, audio_encoder: torch.nn.Module,
                text_encoder: torch.nn.Module, teacher: WanDiT) -> Path:

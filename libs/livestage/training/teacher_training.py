@@ -7,6 +7,10 @@ only on the second: that is the continuation mode the teacher generates long vid
 scores the causal students in. The rest noise both chunks to one level. Noise levels follow the
 shifted distribution sigma = k u / (1 + (k-1) u) with u uniform, like the sampler's grid.
 
+Latent frames that show a nod or a smile weigh up to 1 + `behaviour_weight` times more in the
+loss: the listening behaviour is a few pixels of a 128-pixel face, and unweighted it is the
+last thing the teacher learns.
+
 The audio encoder (log-mel + learned projection) and the hashed-word text encoder are trained
 here together with the teacher and frozen for the distillation stages, which need the teacher's
 conditions to mean what they meant when it learned them; they are what the students ship with.
@@ -35,6 +39,8 @@ class TeacherTrainingConfig:
     drop_text_prob: float = 0.15
     drop_audio_prob: float = 0.1
     sigma_shift: float = 3.0
+    behaviour_weight: float = 3.0
+    """Extra loss weight of latent frames that show a nod or a smile (1 + this x strength)."""
     checkpoint_every: int = 100
 
 
@@ -84,7 +90,7 @@ def train_teacher(teacher: WanDiT, builder: ConditionBuilder, workdir, config: T
         x_t = (1 - s) * x0 + s * noise
         flow = clip_flow(teacher, x_t, frames, cond)
         per_frame = (flow - (noise - x0)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-        mask = (frames > 0).float()
+        mask = (frames > 0).float() * (1.0 + config.behaviour_weight * builder.behaviour(windows))
         loss = (per_frame * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
