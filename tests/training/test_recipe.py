@@ -338,6 +338,26 @@ def test_a_warm_start_without_the_teacher_file_names_what_is_missing(tmp_path):
         recipe._warm_start_weights()
 
 
+def test_a_warm_start_vae_without_latent_statistics_is_refused_by_name(tiny_recipe, tmp_path):
+    import shutil
+
+    from livestage.models.weights import load_weights, save_weights
+
+    recipe, _ = tiny_recipe
+    source = tmp_path / "weights"
+    shutil.copytree(recipe.out, source)
+    vae = CausalVideoVAE(PRESET.vae)
+    load_weights(vae, source / "vae.safetensors")
+    save_weights(vae, source / "vae.safetensors")  # the same tensors, no metadata
+    workdir = tmp_path / "warm"
+    workdir.mkdir()
+    (workdir / "corpus.npz").write_bytes((recipe.workdir / "corpus.npz").read_bytes())
+    cfg = RecipeConfig.for_preset("tiny")
+    cfg.warm_start = str(source)
+    with pytest.raises(ValueError, match="vae.safetensors has no latent_mean/latent_std"):
+        Recipe("tiny", workdir, cfg, out=tmp_path / "out", log=lambda line: None).run("teacher")
+
+
 def test_nods_and_smiles_are_found_per_latent_frame():
     from livestage.training.dataset import behaviour_per_latent
 

@@ -156,6 +156,9 @@ class LatentDataset:
     """What the DiT stages train on: normalised VAE latents of every clip and reference."""
 
     latents: torch.Tensor  # [clips, z, 6N, h, w] float16
+    behaviour: torch.Tensor
+    """[clips, 6N] in 0..1: how much nod (pitch) or smile each latent frame shows (see
+    `behaviour_per_latent`); the teacher weights those frames up."""
     references: torch.Tensor  # [identities, 6, z, 1, h, w] float32
     identity: list[int]
     directives: list[list[str]]
@@ -163,9 +166,6 @@ class LatentDataset:
     listen: list[np.ndarray]
     preroll_s: list[int]
     sample_rate: int
-    behaviour: torch.Tensor | None = None
-    """[clips, 6N] in 0..1: how much nod (pitch) or smile each latent frame shows (see
-    `behaviour_per_latent`); the teacher weights those frames up. None in datasets saved before it."""
 
     @property
     def chunks(self) -> int:
@@ -187,8 +187,6 @@ class LatentDataset:
 
     def chunk_behaviour(self, clip: int, first_chunk: int, chunks: int) -> torch.Tensor:
         lpc = self._latents_per_chunk
-        if self.behaviour is None:
-            return torch.zeros(chunks * lpc)
         return self.behaviour[clip, first_chunk * lpc:(first_chunk + chunks) * lpc]
 
     def save(self, path: Path) -> None:
@@ -200,8 +198,8 @@ class LatentDataset:
     @classmethod
     def load(cls, path: Path) -> "LatentDataset":
         d = torch.load(path, weights_only=False)
-        ds = cls(d["latents"], d["references"], d["identity"], d["directives"], d["speak"],
-                 d["listen"], d["preroll_s"], d["sample_rate"], d.get("behaviour"))
+        ds = cls(d["latents"], d["behaviour"], d["references"], d["identity"], d["directives"], d["speak"],
+                 d["listen"], d["preroll_s"], d["sample_rate"])
         ds._latents_per_chunk = d["latents_per_chunk"]
         return ds
 
@@ -240,12 +238,12 @@ def encode_dataset(rendered: RenderedDataset, vae: CausalVideoVAE, latents_per_c
     for imgs in rendered.reference_images:
         video = frames_to_tensor(imgs)  # [3, 6, H, W]: encode each image as its own one-frame video
         refs.append(torch.stack([vae.encode_image(video[:, j][None])[0] for j in range(video.shape[1])]))
-    ds = LatentDataset(torch.stack(latents), torch.stack(refs).float(),
+    frames_per_latent = vae.config.temporal_factor
+    behaviour = torch.from_numpy(np.stack([behaviour_per_latent(m, frames_per_latent) for m in rendered.motion]))
+    ds = LatentDataset(torch.stack(latents), behaviour, torch.stack(refs).float(),
                        [c["identity"] for c in rendered.clips], [c["directives"] for c in rendered.clips],
                        rendered.speak, rendered.listen, [c["preroll_s"] for c in rendered.clips],
                        rendered.sample_rate)
-    per_latent = vae.config.temporal_factor
-    ds.behaviour = torch.from_numpy(np.stack([behaviour_per_latent(m, per_latent) for m in rendered.motion]))
     ds._latents_per_chunk = latents_per_chunk
     return ds
 

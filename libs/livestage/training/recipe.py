@@ -136,7 +136,11 @@ class Recipe:
         vae = CausalVideoVAE(p.vae)
         if warm is not None:
             load_weights(vae, warm / WEIGHT_FILES["vae"])
-            mean, std = (torch.tensor(v) for v in read_latent_stats(warm / WEIGHT_FILES["vae"]))
+            stats = read_latent_stats(warm / WEIGHT_FILES["vae"])
+            if stats is None:
+                raise ValueError(f"warm_start {cfg.warm_start}: {WEIGHT_FILES['vae']} has no latent_mean/latent_std "
+                                 "metadata (weights exported by the recipe have it)")
+            mean, std = (torch.tensor(v) for v in stats)
             self.summaries["vae"] = {"warm_start": cfg.warm_start}
         else:
             seeded_init(vae, self.seed * 101 + 2)
