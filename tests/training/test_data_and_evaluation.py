@@ -15,6 +15,7 @@ from PIL import Image
 from livestage.media.samples import SampleCharacter, sample_speech
 from livestage.models.bundle import WEIGHT_FILES, build_models, shipped_weights_dir
 from livestage.models.config import get_preset
+from livestage.models.weights import weights_digest
 from livestage.training.corpus import HELD_OUT, synthesize_corpus
 from livestage.training.dataset import RenderedDataset, render_dataset, sample_character_images
 from livestage.training.evaluation import EvaluationConfig, FlopCount, RunMetrics, run_evaluation
@@ -203,6 +204,10 @@ def test_evaluation_report_on_the_tiny_recipe(tiny_recipe, tmp_path):
         evaluation.train_evaluator = original
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["summary"] == report["summary"]
+    # the report names the weights by content, not by this machine's path
+    assert saved["weights"]["dir"] == str(recipe.out)
+    assert set(saved["weights"]["sha256"]) == {*WEIGHT_FILES.values(), "teacher.safetensors"}
+    assert saved["weights"]["sha256"] == weights_digest(recipe.out)
     runs = report["runs"]
     assert set(runs) == {"ground_truth_1min", "teacher_1min", "backbone_1min", "distilled_sinks_1min",
                          "distilled_sinks_10min", "distilled_no_sinks_10min"}

@@ -325,6 +325,15 @@ def test_a_warm_start_keeps_the_vae_and_fine_tunes_the_teacher_from_the_given_we
     assert 0 < _distance(tuned, started) < 0.5 * _distance(tuned, scratch)
     # the starting weights were kept apart from what a later export writes over
     assert (workdir / "warm_start" / "teacher.safetensors").read_bytes() == (source / "teacher.safetensors").read_bytes()
+    # resuming needs the same start: other weights, or none, would mix two runs in one work directory
+    for other in (str(tmp_path / "elsewhere"), None):
+        cfg.warm_start = other
+        with pytest.raises(ValueError, match="warm-started from .*resume it the same way"):
+            Recipe("tiny", workdir, cfg, out=tmp_path / "out", log=lambda line: None).run("teacher")
+    # and a work directory trained from scratch is not silently switched to a warm start
+    cfg.warm_start = str(source)
+    with pytest.raises(ValueError, match="trained from scratch"):
+        Recipe("tiny", recipe.workdir, cfg, out=tmp_path / "out2", log=lambda line: None).run("teacher")
 
 
 def test_a_warm_start_without_the_teacher_file_names_what_is_missing(tmp_path):

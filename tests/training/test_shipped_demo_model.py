@@ -4,15 +4,20 @@ keeps the reference's colours (it is not noise, and it is the sample character).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from livestage.media.samples import SampleCharacter
 from livestage.models.bundle import build_models, shipped_weights_dir
+from livestage.models.weights import weights_digest
 from livestage.runtime.pipeline import StreamingAvatar
 
 pytestmark = pytest.mark.skipif(shipped_weights_dir("demo") is None, reason="no trained demo weights")
 
+REPORT = Path(__file__).resolve().parents[2] / "docs" / "evaluation" / "report.json"
 MOUTH = (slice(64, 92), slice(40, 88))  # rows, columns of the mouth area at 128x128
 
 
@@ -51,3 +56,11 @@ def test_frames_keep_the_reference_colours_and_are_not_noise(runs):
     assert mean_error < 40  # the image's average colour is the character's
     # a trained model's frames are smooth: neighbouring pixels are close (noise is not)
     assert np.abs(np.diff(speaking, axis=2)).mean() < 12
+
+
+def test_the_committed_evaluation_report_is_of_the_shipped_weights():
+    """Weights re-trained and shipped without re-running the evaluation would leave docs/ describing
+    another model: the report's digests must be the shipped files'."""
+    report = json.loads(REPORT.read_text())
+    assert report["preset"] == "demo" and report["weights"]["dir"] == "shipped demo weights"
+    assert report["weights"]["sha256"] == weights_digest(shipped_weights_dir("demo"))

@@ -7,6 +7,7 @@ which is then labelled as such (`WeightsSource.seeded`) in logs and outputs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("livestage.models.weights")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(root: Path) -> dict[str, str]:
+    """sha256 of every safetensors file in a weights directory: what a report or a log names
+    instead of a machine's path, so a result can be matched to the weights that produced it."""
+    return {p.name: sha256_file(p) for p in sorted(Path(root).glob("*.safetensors"))}
 
 
 class WeightsError(ValueError):

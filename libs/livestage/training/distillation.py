@@ -337,9 +337,10 @@ def train_ode_init(backbone: WanDiT, seqs: TeacherSequences, students: _Students
                    config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 1: regression onto the teacher's ODE trajectories at the backbone's timesteps."""
     opt = torch.optim.AdamW(backbone.parameters(), lr=config.lr * 2, weight_decay=0.0)
-    stage = Stage("stage1_ode", workdir, {"backbone": backbone}, {"backbone": opt}, config.stage1_steps,
-                  config.checkpoint_every, lr_schedule=cosine_schedule(config.stage1_steps, warmup=20, floor=0.3))
     rng = np.random.default_rng([seed, 51])
+    stage = Stage("stage1_ode", workdir, {"backbone": backbone}, {"backbone": opt}, config.stage1_steps,
+                  config.checkpoint_every, lr_schedule=cosine_schedule(config.stage1_steps, warmup=20, floor=0.3),
+                  data_rng=rng)
     builder = students.builder
 
     def step(i: int) -> dict[str, float]:
@@ -379,21 +380,22 @@ def _partner(builder: ConditionBuilder, clips: list[int]) -> torch.Tensor:
 
 
 def _dmd_stage(name: str, student_name: str, student: WanDiT, scoring: TeacherScoring, steps: int,
-               workdir, config: DistillationConfig) -> tuple[Stage, torch.optim.Optimizer, torch.optim.Optimizer]:
+               workdir, config: DistillationConfig,
+               rng: np.random.Generator) -> tuple[Stage, torch.optim.Optimizer, torch.optim.Optimizer]:
     """A DMD stage's checkpointed state: the student and the fake-score critic, each with its optimiser
     (no first-moment momentum: the DMD direction changes as the critic moves)."""
     opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.0, 0.99))
     critic_opt = torch.optim.AdamW(scoring.fake.parameters(), lr=config.critic_lr, weight_decay=0.0, betas=(0.0, 0.99))
     stage = Stage(name, workdir, {student_name: student, "fake": scoring.fake},
-                  {student_name: opt, "fake": critic_opt}, steps, config.checkpoint_every)
+                  {student_name: opt, "fake": critic_opt}, steps, config.checkpoint_every, data_rng=rng)
     return stage, opt, critic_opt
 
 
 def train_offpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, vae: CausalVideoVAE, seqs: TeacherSequences,
                         students: _Students, workdir, config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 2: DMD with teacher-derived inputs, plus the decoder-feature regulariser."""
-    stage, opt, critic_opt = _dmd_stage("stage2_dmd_offpolicy", "backbone", backbone, scoring, config.stage2_steps, workdir, config)
     rng = np.random.default_rng([seed, 61])
+    stage, opt, critic_opt = _dmd_stage("stage2_dmd_offpolicy", "backbone", backbone, scoring, config.stage2_steps, workdir, config, rng)
     builder = students.builder
     vae.requires_grad_(False)
 
@@ -462,8 +464,8 @@ def _rollout_dmd_update(student: WanDiT, opt: torch.optim.Optimizer, critic_opt:
 def train_onpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, students: _Students, workdir,
                        config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 3: DMD on the backbone's own autoregressive rollouts (noisy-history caches)."""
-    stage, opt, critic_opt = _dmd_stage("stage3_dmd_onpolicy", "backbone", backbone, scoring, config.stage3_steps, workdir, config)
     rng = np.random.default_rng([seed, 71])
+    stage, opt, critic_opt = _dmd_stage("stage3_dmd_onpolicy", "backbone", backbone, scoring, config.stage3_steps, workdir, config, rng)
     builder = students.builder
     state: dict[str, RolloutBatch | None] = {"rollout": None}
 
@@ -499,8 +501,8 @@ def train_onpolicy_dmd(backbone: WanDiT, scoring: TeacherScoring, students: _Stu
 def train_refiner_dmd(backbone: WanDiT, refiner: WanDiT, scoring: TeacherScoring, students: _Students, workdir,
                       config: DistillationConfig, seed: int = 0, log=print) -> dict:
     """Stage 4: the 1-step refiner from T2 on re-noised backbone rollouts, clean-history caches."""
-    stage, opt, critic_opt = _dmd_stage("stage4_refiner", "refiner", refiner, scoring, config.stage4_steps, workdir, config)
     rng = np.random.default_rng([seed, 81])
+    stage, opt, critic_opt = _dmd_stage("stage4_refiner", "refiner", refiner, scoring, config.stage4_steps, workdir, config, rng)
     builder = students.builder
     preset = students.preset
     backbone_sampler = BackboneSampler(backbone, preset.sampler)

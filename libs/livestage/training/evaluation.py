@@ -38,7 +38,7 @@ from livestage.models.bundle import AvatarModels, build_models, shipped_weights_
 from livestage.models.config import get_preset
 from livestage.models.dit import WanDiT
 from livestage.models.sampler import FlowMatchSchedule
-from livestage.models.weights import load_weights
+from livestage.models.weights import load_weights, weights_digest
 from livestage.runtime.stages import ConditionEncoder, DecoderSession, GeneratorSession, RefinerSession
 from livestage.training.corpus import load_or_synthesize
 from livestage.training.dataset import REFERENCE_LAYOUT, SAMPLE_IDENTITY_SEED, RenderedDataset, frames_to_tensor
@@ -380,7 +380,11 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
         m.keep_frames = int(keep_s * fps)
         return m
 
-    report: dict = {"preset": preset.name, "weights": str(weights), "config": dataclasses.asdict(config),
+    shipped = Path(weights).resolve() == (shipped_weights_dir(preset.name) or Path()).resolve()
+    report: dict = {"preset": preset.name,
+                    "weights": {"dir": f"shipped {preset.name} weights" if shipped else str(weights),
+                                "sha256": weights_digest(Path(weights))},
+                    "config": dataclasses.asdict(config),
                     "scenario": {"minutes": config.long_minutes, "turns": len(long.turns),
                                  "held_out_sentences": True}}
     runs: dict[str, dict] = {}

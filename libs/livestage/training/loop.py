@@ -1,7 +1,7 @@
 """What every training stage shares: resumable checkpoints, a loss log and its plot.
 
 A stage is a set of modules and optimisers plus a `step(i) -> {loss name: value}` function.
-`run_stage` calls it until `steps` are done, writes `state.pt` (modules, optimisers, step, RNG)
+`run_stage` calls it until `steps` are done, writes `state.pt` (modules, optimisers, step, torch and data RNGs)
 every `checkpoint_every` steps and at the end, appends each step's losses to `losses.jsonl`, and
 draws `losses.png`. Running the same command again resumes from `state.pt`; a finished stage
 returns immediately, so the whole recipe can be re-run after an interruption.
@@ -34,6 +34,9 @@ class Stage:
     """Multiplier of every optimiser's base learning rate at step i (None: constant)."""
     extra_state: dict = field(default_factory=dict)
     """Plain picklable state the stage wants carried across a resume (e.g. a data cursor)."""
+    data_rng: np.random.Generator | None = None
+    """The generator the step function draws its batches from: checkpointed with the torch RNG,
+    so a resumed stage continues the draws instead of replaying the first ones."""
 
     @property
     def dir(self) -> Path:
@@ -50,7 +53,8 @@ class Stage:
 def _save(stage: Stage, step: int) -> None:
     state = {"step": step, "modules": {k: m.state_dict() for k, m in stage.modules.items()},
              "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
-             "rng": torch.get_rng_state(), "extra": stage.extra_state}
+             "rng": torch.get_rng_state(), "extra": stage.extra_state,
+             "data_rng": stage.data_rng.bit_generator.state if stage.data_rng is not None else None}
     tmp = stage.dir / "state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(stage.dir / "state.pt")
@@ -66,6 +70,8 @@ def _restore(stage: Stage) -> int:
     for k, o in stage.optimizers.items():
         o.load_state_dict(state["optimizers"][k])
     torch.set_rng_state(state["rng"])
+    if stage.data_rng is not None and state.get("data_rng") is not None:
+        stage.data_rng.bit_generator.state = state["data_rng"]
     stage.extra_state.update(state.get("extra", {}))
     return int(state["step"])
 

@@ -219,11 +219,17 @@ class Recipe:
     def _warm_start_weights(self) -> Path | None:
         """The warm-start weights, copied into the work directory on first use: a resumed run
         must not pick up what its own export has since written over them."""
-        if not self.config.warm_start:
-            return None
         kept = self.workdir / "warm_start"
-        if not kept.is_dir():
-            source = Path(self.config.warm_start)
+        first = json.loads((kept / "source.json").read_text())["source"] if kept.is_dir() else None
+        wanted = str(Path(self.config.warm_start).resolve()) if self.config.warm_start else None
+        if first != wanted and (first is not None or self.workdir.joinpath("vae").is_dir()):
+            raise ValueError(f"warm_start {self.config.warm_start}: this work directory was "
+                             f"{f'warm-started from {first}' if first else 'trained from scratch'}; "
+                             f"resume it the same way or use a new work directory")
+        if wanted is None:
+            return None
+        source = Path(wanted)
+        if first is None:
             files = [WEIGHT_FILES["vae"], WEIGHT_FILES["audio_encoder"], WEIGHT_FILES["text_encoder"], TEACHER_FILE]
             missing = [f for f in files if not (source / f).is_file()]
             if missing:
@@ -233,6 +239,7 @@ class Recipe:
             tmp.mkdir()
             for f in files:
                 shutil.copy2(source / f, tmp / f)
+            (tmp / "source.json").write_text(json.dumps({"source": str(source.resolve())}))
             tmp.rename(kept)
         return kept
 

@@ -63,10 +63,11 @@ def train_teacher(teacher: WanDiT, builder: ConditionBuilder, workdir, config: T
     audio_encoder, text_encoder = builder.audio_encoder, builder.text_encoder
     params = [*teacher.parameters(), *audio_encoder.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    rng = np.random.default_rng([seed, 29])
     stage = Stage("teacher", workdir, {"teacher": teacher, "audio_encoder": audio_encoder,
                                        "text_encoder": text_encoder}, {"teacher": opt},
-                  config.steps, config.checkpoint_every, lr_schedule=cosine_schedule(config.steps, warmup=100))
-    rng = np.random.default_rng([seed, 29])
+                  config.steps, config.checkpoint_every, lr_schedule=cosine_schedule(config.steps, warmup=100),
+                  data_rng=rng)
     lpc = builder.preset.chunk.latent_frames_per_chunk
 
     def step(i: int) -> dict[str, float]:

@@ -148,9 +148,9 @@ def train_deep_stream(vae: CausalVideoVAE, data: RenderedDataset, workdir, confi
     `VAETrainingConfig.deep_steps`. The warm-up runs through the streaming states
     (`encode_chunk` / `decode_chunk`), exactly as a session does, and keeps no graph."""
     opt = torch.optim.AdamW(vae.parameters(), lr=config.deep_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    stage = Stage("vae_deep_stream", workdir, {"vae": vae}, {"vae": opt}, config.deep_steps,
-                  config.checkpoint_every, lr_schedule=cosine_schedule(config.deep_steps, warmup=20))
     rng = np.random.default_rng([seed, 19])
+    stage = Stage("vae_deep_stream", workdir, {"vae": vae}, {"vae": opt}, config.deep_steps,
+                  config.checkpoint_every, lr_schedule=cosine_schedule(config.deep_steps, warmup=20), data_rng=rng)
     tf = vae.config.temporal_factor
     h, w = data.frames.shape[1:3]
 
@@ -174,9 +174,9 @@ def train_deep_stream(vae: CausalVideoVAE, data: RenderedDataset, workdir, confi
 def _train_vae_phase(vae: CausalVideoVAE, data: RenderedDataset, workdir, config: VAETrainingConfig,
                      name: str, steps: int, batch: int, latents: int, lr: float, seed: int, log) -> dict:
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    stage = Stage(name, workdir, {"vae": vae}, {"vae": opt}, steps, config.checkpoint_every,
-                  lr_schedule=cosine_schedule(steps, warmup=50))
     rng = np.random.default_rng([seed, 17])
+    stage = Stage(name, workdir, {"vae": vae}, {"vae": opt}, steps, config.checkpoint_every,
+                  lr_schedule=cosine_schedule(steps, warmup=50), data_rng=rng)
     frames = 1 + vae.config.temporal_factor * latents
     h, w = data.frames.shape[1:3]
 
