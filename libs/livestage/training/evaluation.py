@@ -352,6 +352,7 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
                    config: EvaluationConfig = EvaluationConfig(), log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     preset = get_preset(preset_name)
+    weights_label = str(weights) if weights else f"shipped {preset.name} weights"
     weights = weights or shipped_weights_dir(preset.name)
     if weights is None:
         raise FileNotFoundError(f"no trained weights for preset {preset.name}: run `livestage train` first")
@@ -380,10 +381,8 @@ def run_evaluation(preset_name: str, workdir: Path, out: Path, weights: Path | N
         m.keep_frames = int(keep_s * fps)
         return m
 
-    shipped = Path(weights).resolve() == (shipped_weights_dir(preset.name) or Path()).resolve()
     report: dict = {"preset": preset.name,
-                    "weights": {"dir": f"shipped {preset.name} weights" if shipped else str(weights),
-                                "sha256": weights_digest(Path(weights))},
+                    "weights": {"dir": weights_label, "sha256": weights_digest(Path(weights))},
                     "config": dataclasses.asdict(config),
                     "scenario": {"minutes": config.long_minutes, "turns": len(long.turns),
                                  "held_out_sentences": True}}

@@ -222,12 +222,14 @@ class Recipe:
         kept = self.workdir / "warm_start"
         first = json.loads((kept / "source.json").read_text())["source"] if kept.is_dir() else None
         wanted = str(Path(self.config.warm_start).resolve()) if self.config.warm_start else None
-        if first != wanted and (first is not None or self.workdir.joinpath("vae").is_dir()):
-            raise ValueError(f"warm_start {self.config.warm_start}: this work directory was "
-                             f"{f'warm-started from {first}' if first else 'trained from scratch'}; "
-                             f"resume it the same way or use a new work directory")
+        if first is not None and first != wanted:
+            raise ValueError(f"warm_start {self.config.warm_start}: this work directory was warm-started "
+                             f"from {first}; resume it the same way or use a new work directory")
         if wanted is None:
             return None
+        if first is None and (self.workdir / "vae").is_dir():
+            raise ValueError(f"warm_start {wanted}: this work directory was trained from scratch; "
+                             "resume it without --warm-start or use a new work directory")
         source = Path(wanted)
         if first is None:
             files = [WEIGHT_FILES["vae"], WEIGHT_FILES["audio_encoder"], WEIGHT_FILES["text_encoder"], TEACHER_FILE]
@@ -239,7 +241,7 @@ class Recipe:
             tmp.mkdir()
             for f in files:
                 shutil.copy2(source / f, tmp / f)
-            (tmp / "source.json").write_text(json.dumps({"source": str(source.resolve())}))
+            (tmp / "source.json").write_text(json.dumps({"source": wanted}))
             tmp.rename(kept)
         return kept
 
