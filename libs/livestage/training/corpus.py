@@ -138,6 +138,14 @@ def _trim(audio: np.ndarray, level: float = 0.01) -> np.ndarray:
     return audio[max(0, loud[0] - pad): loud[-1] + pad]
 
 
+def corpus_clip(raw: np.ndarray, raw_rate: int, sample_rate: int, speedup: float = 1.0) -> np.ndarray:
+    """A synthesised line as the corpus keeps it: played `speedup` times faster (resampled as if
+    recorded at a higher rate: pitch and tempo up), silence trimmed, peak at 0.6."""
+    audio = _trim(resample_audio(raw, int(round(raw_rate * speedup)), sample_rate))
+    peak = float(np.abs(audio).max()) if audio.size else 1.0
+    return (audio * (0.6 / max(peak, 1e-6))).astype(np.float32)
+
+
 def synthesize_corpus(sample_rate: int = 16000, voice_dir: str | None = None,
                       character_lines: tuple[str, ...] = CHARACTER_LINES,
                       user_lines: tuple[str, ...] = USER_LINES) -> SpeechCorpus:
@@ -147,12 +155,7 @@ def synthesize_corpus(sample_rate: int = 16000, voice_dir: str | None = None,
     tts = PiperSynthesizer(voice_dir)
 
     def speak(text: str, speedup: float = 1.0) -> np.ndarray:
-        raw = tts.synthesize(text)
-        # Played faster = resampled as if recorded at a higher rate.
-        audio = resample_audio(raw, int(round(tts.sample_rate * speedup)), sample_rate)
-        audio = _trim(audio)
-        peak = float(np.abs(audio).max()) if audio.size else 1.0
-        return (audio * (0.6 / max(peak, 1e-6))).astype(np.float32)
+        return corpus_clip(tts.synthesize(text), tts.sample_rate, sample_rate, speedup)
 
     return SpeechCorpus(sample_rate, [speak(t) for t in character_lines], list(character_lines),
                         [speak(t, USER_SPEEDUP) for t in user_lines], list(user_lines))
