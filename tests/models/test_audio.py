@@ -12,6 +12,8 @@ from livestage.models.audio import (
     StreamingAudioWindow,
     Wav2Vec2AudioEncoder,
 )
+from livestage.models.bundle import build_models
+from livestage.models.config import get_preset
 from livestage.models.weights import seeded_init
 
 RATE = 16000
@@ -163,6 +165,47 @@ def test_logmel_is_deterministic_for_a_seed_with_stable_parameter_names():
     torch.manual_seed(8)
     with torch.no_grad():
         assert not torch.allclose(LogMelAudioEncoder(16, 24).eval().extract(x), outs[0])
+
+
+def test_loudness_envelopes_are_causal_and_remember_speech_that_just_ended():
+    enc = LogMelAudioEncoder(feature_dim=16, fps=24, envelope_seconds=(0.1, 0.4, 2.0)).eval()
+    rng = torch.Generator().manual_seed(0)
+    talk = torch.zeros(3 * RATE)
+    talk[int(0.5 * RATE):int(1.8 * RATE)] = 0.1 * torch.randn(int(1.3 * RATE), generator=rng)  # user stops at 1.8 s
+    later = talk.clone()
+    later[int(2.6 * RATE):] = 0.1 * torch.randn(int(0.4 * RATE), generator=rng)  # more speech from 2.6 s
+    with torch.no_grad():
+        env = enc.loudness_envelopes(enc.log_mel(torch.stack([torch.zeros(3 * RATE), talk, later])))
+    silence, after, changed = env  # [T at 100 Hz, 3]
+    assert torch.allclose(silence, silence[0].expand_as(silence))  # silence: flat, all equal
+    assert torch.equal(after[:255], changed[:255])  # frames before 2.55 s cannot hear 2.6 s
+    pause = after[240]  # 0.6 s into the pause: the fast envelope fell, the slow ones still remember
+    assert pause[0] < pause[1] < pause[2]
+    assert float(pause[0] - silence[240, 0]) < 0.5 * float(after[170, 0] - silence[170, 0])
+    assert float(pause[2] - silence[240, 2]) > 0.8 * float(after[170, 2] - silence[170, 2])
+
+
+def test_logmel_with_envelopes_widens_only_the_temporal_input_and_checks_its_time_constants():
+    plain, with_env = LogMelAudioEncoder(16, 24), LogMelAudioEncoder(16, 24, envelope_seconds=(0.1, 1.0))
+    assert tuple(plain.temporal.weight.shape) == (16, 80, 5)
+    assert tuple(with_env.temporal.weight.shape) == (16, 82, 5)
+    assert set(with_env.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        assert with_env.extract(torch.zeros(3 * RATE)).shape == (1, 72, 16)
+    with pytest.raises(RuntimeError, match="temporal.weight"):
+        with_env.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="envelope_seconds"):
+        LogMelAudioEncoder(16, 24, envelope_seconds=(0.0,))
+
+
+def test_the_preset_decides_the_envelopes_of_the_built_in_extractor():
+    tiny = get_preset("tiny")
+    assert tiny.audio_envelope_seconds  # the test preset exercises them
+    for preset, channels in ((tiny, 80 + len(tiny.audio_envelope_seconds)),
+                             (tiny.replace(audio_envelope_seconds=()), 80)):
+        enc = build_models(preset, allow_seeded=True).audio_encoder
+        assert enc.temporal.in_channels == channels
+        assert enc.envelope_seconds == preset.audio_envelope_seconds
 
 
 # -- AudioConditioner -----------------------------------------------------------------------------

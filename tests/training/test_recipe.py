@@ -136,7 +136,7 @@ def _builder(recipe) -> ConditionBuilder:
     from livestage.models.text import HashedTextEncoder
 
     data = LatentDataset.load(recipe.workdir / "latents.pt")
-    audio = LogMelAudioEncoder(PRESET.dit.audio_dim, PRESET.chunk.fps, PRESET.chunk.sample_rate)
+    audio = LogMelAudioEncoder.for_preset(PRESET)
     text = HashedTextEncoder(PRESET.text_vocab_size, PRESET.dit.text_dim, PRESET.text_max_tokens)
     seeded_init(audio, 1)
     seeded_init(text, 2)

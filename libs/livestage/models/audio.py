@@ -6,7 +6,9 @@ window into one feature vector per *video* frame (`AudioFeatureExtractor`), beca
 cross-attention is windowed per video frame:
 
 - `LogMelAudioEncoder`: built in, runs anywhere: a log-mel spectrogram (80 mels, 25 ms / 10 ms),
-  resampled to the video frame rate, then a small learned temporal conv + projection.
+  resampled to the video frame rate, optionally with causal loudness envelopes (how loud the
+  stream was over the last fraction of a second, a few time constants), then a small learned
+  temporal conv + projection.
 - `Wav2Vec2AudioEncoder`: real wav2vec2 weights from a directory (Hugging Face layout), hidden
   states of chosen layers (averaged or concatenated), resampled from 50 Hz to the video rate, then
   a learned projection. Only the projection is LiveStage's own weights (see the class).
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from livestage.models.config import ChunkConfig
+    from livestage.models.config import ChunkConfig, ModelPreset
 
 
 class AudioFeatureExtractor(Protocol):
@@ -107,10 +109,14 @@ class LogMelAudioEncoder(nn.Module):
     (`audio_encoder.safetensors`); the filterbank and STFT window are recomputed, not stored.
     """
 
-    def __init__(self, feature_dim: int, fps: int, sample_rate: int = 16000, n_mels: int = 80):
+    def __init__(self, feature_dim: int, fps: int, sample_rate: int = 16000, n_mels: int = 80,
+                 envelope_seconds: Sequence[float] = ()):
         super().__init__()
         if feature_dim < 1 or fps < 1 or sample_rate < 1 or n_mels < 1:
             raise ValueError("feature_dim, fps, sample_rate and n_mels must be positive")
+        if any(not 0 < s <= 10 for s in envelope_seconds):
+            raise ValueError(f"envelope_seconds must lie in (0, 10], got {tuple(envelope_seconds)}")
+        self.envelope_seconds = tuple(float(s) for s in envelope_seconds)
         self.feature_dim = feature_dim
         self.fps = fps
         self.sample_rate = sample_rate
@@ -121,8 +127,14 @@ class LogMelAudioEncoder(nn.Module):
         self.register_buffer("mel", mel_filterbank(n_mels, self.n_fft, sample_rate), persistent=False)
         self.register_buffer("window", torch.hann_window(self.win), persistent=False)
         self.norm = nn.LayerNorm(n_mels)
-        self.temporal = nn.Conv1d(n_mels, feature_dim, kernel_size=5, padding=2)
+        self.temporal = nn.Conv1d(n_mels + len(self.envelope_seconds), feature_dim, kernel_size=5, padding=2)
         self.proj = nn.Linear(feature_dim, feature_dim)
+
+    @classmethod
+    def for_preset(cls, preset: "ModelPreset") -> "LogMelAudioEncoder":
+        """The extractor a preset's weights were made with (feature size, rate, envelopes)."""
+        return cls(preset.dit.audio_dim, preset.chunk.fps, preset.chunk.sample_rate,
+                   envelope_seconds=preset.audio_envelope_seconds)
 
     def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
         """[B, samples] -> log-mel [B, frames_10ms, n_mels] (always computed in float32)."""
@@ -132,13 +144,37 @@ class LogMelAudioEncoder(nn.Module):
         mel = torch.einsum("mf,bft->btm", self.mel.float(), power)
         return torch.log(mel + 1e-6)
 
+    def loudness_envelopes(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """Log-mel [B, T, n_mels] -> causal loudness envelopes [B, T, len(envelope_seconds)].
+
+        Envelope j at frame t is the mean mel power over the window's frames up to t, weighted
+        exp(-age / envelope_seconds[j]) (an exponential moving average that starts at the window's
+        first frame), on a log scale mapped to about [-2, 2]. Why: the log-mel channels are
+        layer-normalised per frame, which keeps the spectral shape but drops the loudness, and they
+        are local (a 5-frame convolution); a listener's reaction to the *end* of the user's speech
+        (a nod half a second into a pause) needs "the user was talking until a moment ago" to be
+        readable at the frame itself. Computed from the same 3-s window in training and serving.
+        """
+        power = log_mel.float().exp().mean(-1)  # [B, T]
+        t = power.shape[1]
+        age = torch.arange(t - 1, -1, -1, device=power.device, dtype=torch.float32) * (self.hop / self.sample_rate)
+        tau = torch.tensor(self.envelope_seconds, device=power.device, dtype=torch.float32)
+        kernel = torch.exp(-age[None, :] / tau[:, None])  # [E, T], oldest first
+        padded = F.pad(power[:, None, :], (t - 1, 0))  # [B, 1, 2T-1]
+        weighted = F.conv1d(padded, kernel[:, None, :])  # [B, E, T]
+        norm = F.conv1d(F.pad(torch.ones_like(power[:1, None, :]), (t - 1, 0)), kernel[:, None, :])
+        return ((torch.log(weighted / norm + 1e-6) + 7.0) / 4.0).transpose(1, 2)
+
     def extract(self, window: torch.Tensor) -> torch.Tensor:
         """Mono windows [B, samples] -> [B, frames at fps, feature_dim]."""
         window = _as_batch(window).to(self.proj.weight.device)
         frames = frames_in(window.shape[-1], self.sample_rate, self.fps)
-        mel = resample_frames(self.log_mel(window), frames)
+        log_mel = self.log_mel(window)
         dtype = self.proj.weight.dtype
-        x = self.norm(mel.to(dtype))
+        x = self.norm(resample_frames(log_mel, frames).to(dtype))
+        if self.envelope_seconds:
+            envelopes = resample_frames(self.loudness_envelopes(log_mel), frames)
+            x = torch.cat([x, envelopes.to(dtype)], dim=-1)
         x = F.gelu(self.temporal(x.transpose(1, 2))).transpose(1, 2)
         return self.proj(x)
 

@@ -91,8 +91,7 @@ def _audio_encoder(preset: ModelPreset, audio_model_dir: Path | None) -> nn.Modu
             raise WeightsError(f"preset {preset.name} uses wav2vec2: give the model directory")
         return Wav2Vec2AudioEncoder(audio_model_dir, feature_dim=preset.dit.audio_dim,
                                     fps=preset.chunk.fps)
-    return LogMelAudioEncoder(feature_dim=preset.dit.audio_dim, fps=preset.chunk.fps,
-                              sample_rate=preset.chunk.sample_rate)
+    return LogMelAudioEncoder.for_preset(preset)
 
 
 def build_models(preset: ModelPreset | str, weights_dir: str | Path | None = None, *,

@@ -159,6 +159,9 @@ class ModelPreset:
     text_vocab_size: int = 4096
     audio_encoder: str = "logmel"
     """`logmel` (built-in, runs anywhere) or `wav2vec2` (real weights from a path)."""
+    audio_envelope_seconds: tuple[float, ...] = ()
+    """`logmel` only: time constants of the causal loudness envelopes added to the log-mel
+    channels (`LogMelAudioEncoder.loudness_envelopes`); part of the audio encoder's weight shape."""
 
     @property
     def latent_height(self) -> int:
@@ -204,6 +207,7 @@ def _tiny() -> ModelPreset:
         vae=VAEConfig(dim=8, z_dim=16, num_res_blocks=1),
         chunk=ChunkConfig(fps=8, latent_frames_per_chunk=2),
         height=32, width=32, text_max_tokens=8, text_vocab_size=256,
+        audio_envelope_seconds=(0.1, 0.4, 1.0, 2.0),  # tests train and stream with them (demo: none, docs/training.md)
     )
 
 

@@ -98,6 +98,11 @@ def run_stage(stage: Stage, step_fn: Callable[[int], dict[str, float]], log=prin
         for g in o.param_groups:
             g.setdefault("initial_lr", g["lr"])
     losses_path = stage.dir / "losses.jsonl"
+    if losses_path.is_file():
+        # Steps logged after the checkpoint we resume from are run again: their old lines go, so the
+        # log (and the stage's summed seconds) holds every step once.
+        kept = [row for row in read_losses(losses_path) if row["step"] < start]
+        losses_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     began = time.perf_counter()
     window: list[dict[str, float]] = []
     for m in stage.modules.values():

@@ -164,7 +164,7 @@ class Recipe:
             return self._finish(began)
 
         teacher = self._dit(0)
-        audio_encoder = LogMelAudioEncoder(p.dit.audio_dim, p.chunk.fps, p.chunk.sample_rate)
+        audio_encoder = LogMelAudioEncoder.for_preset(p)
         seeded_init(audio_encoder, self.seed * 101 + 3)
         text_encoder = HashedTextEncoder(p.text_vocab_size, p.dit.text_dim, p.text_max_tokens)
         seeded_init(text_encoder, self.seed * 101 + 4)
