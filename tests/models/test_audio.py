@@ -175,7 +175,7 @@ def test_loudness_envelopes_are_causal_and_remember_speech_that_just_ended():
     later = talk.clone()
     later[int(2.6 * RATE):] = 0.1 * torch.randn(int(0.4 * RATE), generator=rng)  # more speech from 2.6 s
     with torch.no_grad():
-        env = enc.loudness_envelopes(enc.log_mel(torch.stack([torch.zeros(3 * RATE), talk, later])))
+        env = enc.loudness_envelopes(enc.mel_power(torch.stack([torch.zeros(3 * RATE), talk, later])))
     silence, after, changed = env  # [T at 100 Hz, 3]
     assert torch.allclose(silence, silence[0].expand_as(silence))  # silence: flat, all equal
     assert torch.equal(after[:255], changed[:255])  # frames before 2.55 s cannot hear 2.6 s

@@ -136,16 +136,22 @@ class LogMelAudioEncoder(nn.Module):
         return cls(preset.dit.audio_dim, preset.chunk.fps, preset.chunk.sample_rate,
                    envelope_seconds=preset.audio_envelope_seconds)
 
-    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, samples] -> log-mel [B, frames_10ms, n_mels] (always computed in float32)."""
+    LOG_FLOOR = 1e-6
+    """Added to powers before their log (silence is log(1e-6), not -inf)."""
+
+    def mel_power(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, samples] -> mel band power [B, frames_10ms, n_mels] (always computed in float32)."""
         spec = torch.stft(audio.float(), n_fft=self.n_fft, hop_length=self.hop, win_length=self.win,
                           window=self.window.float(), center=True, return_complex=True)
         power = spec.abs().pow(2)  # [B, freq, T]
-        mel = torch.einsum("mf,bft->btm", self.mel.float(), power)
-        return torch.log(mel + 1e-6)
+        return torch.einsum("mf,bft->btm", self.mel.float(), power)
 
-    def loudness_envelopes(self, log_mel: torch.Tensor) -> torch.Tensor:
-        """Log-mel [B, T, n_mels] -> causal loudness envelopes [B, T, len(envelope_seconds)].
+    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, samples] -> log-mel [B, frames_10ms, n_mels] (always computed in float32)."""
+        return torch.log(self.mel_power(audio) + self.LOG_FLOOR)
+
+    def loudness_envelopes(self, mel_power: torch.Tensor) -> torch.Tensor:
+        """Mel power [B, T, n_mels] -> causal loudness envelopes [B, T, len(envelope_seconds)].
 
         Envelope j at frame t is the mean mel power over the window's frames up to t, weighted
         exp(-age / envelope_seconds[j]) (an exponential moving average that starts at the window's
@@ -155,25 +161,24 @@ class LogMelAudioEncoder(nn.Module):
         (a nod half a second into a pause) needs "the user was talking until a moment ago" to be
         readable at the frame itself. Computed from the same 3-s window in training and serving.
         """
-        power = log_mel.float().exp().mean(-1)  # [B, T]
+        power = mel_power.float().mean(-1)  # [B, T]
         t = power.shape[1]
-        age = torch.arange(t - 1, -1, -1, device=power.device, dtype=torch.float32) * (self.hop / self.sample_rate)
+        age = torch.arange(t, device=power.device, dtype=torch.float32) * (self.hop / self.sample_rate)
         tau = torch.tensor(self.envelope_seconds, device=power.device, dtype=torch.float32)
-        kernel = torch.exp(-age[None, :] / tau[:, None])  # [E, T], oldest first
-        padded = F.pad(power[:, None, :], (t - 1, 0))  # [B, 1, 2T-1]
-        weighted = F.conv1d(padded, kernel[:, None, :])  # [B, E, T]
-        norm = F.conv1d(F.pad(torch.ones_like(power[:1, None, :]), (t - 1, 0)), kernel[:, None, :])
-        return ((torch.log(weighted / norm + 1e-6) + 7.0) / 4.0).transpose(1, 2)
+        decay = torch.exp(-age[None, :] / tau[:, None])  # [E, T]: weight of a frame `age` old
+        weighted = F.conv1d(F.pad(power[:, None, :], (t - 1, 0)), decay.flip(-1)[:, None, :])  # [B, E, T]
+        total = decay.cumsum(-1)  # [E, T]: the weights that frame t has history for
+        return ((torch.log(weighted / total + self.LOG_FLOOR) + 7.0) / 4.0).transpose(1, 2)
 
     def extract(self, window: torch.Tensor) -> torch.Tensor:
         """Mono windows [B, samples] -> [B, frames at fps, feature_dim]."""
         window = _as_batch(window).to(self.proj.weight.device)
         frames = frames_in(window.shape[-1], self.sample_rate, self.fps)
-        log_mel = self.log_mel(window)
+        power = self.mel_power(window)
         dtype = self.proj.weight.dtype
-        x = self.norm(resample_frames(log_mel, frames).to(dtype))
+        x = self.norm(resample_frames(torch.log(power + self.LOG_FLOOR), frames).to(dtype))
         if self.envelope_seconds:
-            envelopes = resample_frames(self.loudness_envelopes(log_mel), frames)
+            envelopes = resample_frames(self.loudness_envelopes(power), frames)
             x = torch.cat([x, envelopes.to(dtype)], dim=-1)
         x = F.gelu(self.temporal(x.transpose(1, 2))).transpose(1, 2)
         return self.proj(x)
