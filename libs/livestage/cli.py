@@ -226,7 +226,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
-    from livestage.serving.triton_repo import build_repository
+    from livestage.serving.triton.repository import build_repository
 
     if not args.weights and not args.allow_seeded:
         raise CliError("give --weights DIR (as seen inside the Triton image) or --allow-seeded")

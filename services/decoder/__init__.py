@@ -1,1 +1,1 @@
-"""The `decoder` stage service (see livestage.serving.stage_worker)."""
+"""The `decoder` stage service (see livestage.serving.stages.worker)."""

@@ -1,1 +1,1 @@
-"""The `dialogue` service (see livestage.serving.dialogue_worker)."""
+"""The `dialogue` service (see livestage.serving.conversation.dialogue)."""

@@ -1,6 +1,6 @@
 """`python -m services.dialogue`: VAD, speech recognition and replies for attached sessions."""
 
-from livestage.serving.dialogue_worker import run_dialogue_service
+from livestage.serving.conversation.dialogue import run_dialogue_service
 
 if __name__ == "__main__":
     run_dialogue_service()

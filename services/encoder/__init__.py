@@ -1,1 +1,1 @@
-"""The `encoder` stage service (see livestage.serving.stage_worker)."""
+"""The `encoder` stage service (see livestage.serving.stages.worker)."""

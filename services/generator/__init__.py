@@ -1,1 +1,1 @@
-"""The `generator` stage service (see livestage.serving.stage_worker)."""
+"""The `generator` stage service (see livestage.serving.stages.worker)."""

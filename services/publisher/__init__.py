@@ -1,1 +1,1 @@
-"""The `publisher` service (see livestage.serving.publisher_worker)."""
+"""The `publisher` service (see livestage.serving.conversation.publisher)."""

@@ -1,1 +1,1 @@
-"""The `refiner` stage service (see livestage.serving.stage_worker)."""
+"""The `refiner` stage service (see livestage.serving.stages.worker)."""

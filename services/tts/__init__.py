@@ -1,1 +1,1 @@
-"""The `tts` service (see livestage.serving.tts_worker)."""
+"""The `tts` service (see livestage.serving.conversation.tts)."""

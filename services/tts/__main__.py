@@ -1,6 +1,6 @@
 """`python -m services.tts`: reply sentences to the character's speech (queue group worker)."""
 
-from livestage.serving.tts_worker import run_tts_service
+from livestage.serving.conversation.tts import run_tts_service
 
 if __name__ == "__main__":
     run_tts_service()

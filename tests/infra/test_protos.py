@@ -12,6 +12,7 @@ import pytest
 import livestage.protos as protos
 from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc, stages_pb2
+from livestage.transport import wrap
 
 
 def test_generated_code_is_current_and_not_committed():
@@ -110,19 +111,24 @@ def test_session_service_has_every_rpc():
 
 
 def test_stage_messages_round_trip():
-    header = stages_pb2.TensorHeader(name="latents", dtype="bfloat16", shape=[16, 3, 8, 8], offset=0,
-                                     nbytes=2 * 16 * 3 * 8 * 8, session_id="s", chunk_index=4)
-    timing = stages_pb2.StageTiming(stage="generator", worker_id="g1", queue_ms=1.5, compute_ms=700.0)
-    msgs = [
-        stages_pb2.ChunkRequest(session_id="s", chunk_index=4, epoch=1, directive="smile",
-                                speaking=True, route={"generator": "g1"}, speak_window=header),
-        stages_pb2.ConditionBundle(session_id="s", chunk_index=4, tensors=[header], timings=[timing]),
-        stages_pb2.LatentChunk(session_id="s", chunk_index=4, stage="generator", latents=header,
-                               timestep=0.3, timings=[timing]),
-        stages_pb2.FrameChunk(session_id="s", chunk_index=4, frames=header, fps=24, timings=[timing]),
-        stages_pb2.WorkerHeartbeat(worker_id="g1", stage="generator", capacity=4, free=2,
-                                   subject="ls.generator.g1"),
+    latents = stages_pb2.Tensor(dtype=stages_pb2.DTYPE_BFLOAT16, shape=[16, 3, 8, 8], data=b"\0" * (2 * 16 * 3 * 8 * 8))
+    timing = stages_pb2.StageTiming(stage="generator", worker_id="g1", compute_ms=700.0)
+    route = stages_pb2.Route(encoder="e1", generator="g1", refiner="r1", decoder="d1")
+    bodies = [
+        stages_pb2.ChunkRequest(route=route, directive="smile", played_chunk=3,
+                                speak=stages_pb2.AudioSlice(start_sample=48000)),
+        stages_pb2.EncodedChunk(route=route, conditions=stages_pb2.ChunkConditions(speaking=True), timings=[timing]),
+        stages_pb2.LatentChunk(route=route, latents=latents, speaking=True, timings=[timing]),
+        stages_pb2.FrameChunk(frames=latents, state=pb.SESSION_STATE_RESPONDING, timings=[timing]),
+        stages_pb2.Interrupt(last_kept=4, reply=2, reason="barge_in", origin="session"),
     ]
-    for m in msgs:
-        assert type(m).FromString(m.SerializeToString()) == m
-    assert msgs[2].latents.shape == [16, 3, 8, 8] and msgs[0].route["generator"] == "g1"
+    for body in bodies:
+        env = wrap(body, "s", 4, 1)
+        again = stages_pb2.StageEnvelope.FromString(env.SerializeToString())
+        assert again == env and again.WhichOneof("body") is not None
+    assert bodies[2].latents.shape == [16, 3, 8, 8] and bodies[0].route.generator == "g1"
+    # no string kinds or string maps are left on the wire
+    for message in stages_pb2.DESCRIPTOR.message_types_by_name.values():
+        for f in message.fields:
+            assert not (f.message_type and f.message_type.GetOptions().map_entry), f"{message.name}.{f.name}"
+            assert not (f.name in ("kind", "meta") and f.type == f.TYPE_STRING), f"{message.name}.{f.name}"

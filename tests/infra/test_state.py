@@ -72,9 +72,7 @@ async def test_unknown_session_raises_session_not_found_and_creates_nothing(r):
     with pytest.raises(SessionNotFound, match="unknown session") as info:
         await store.get(missing)
     assert info.value.session_id == missing
-    for call in (store.update(missing, state="x"), store.incr(missing, "chunks_generated"),
-                 store.advance(missing, "chunks_played", 3),
-                 store.set_placement(missing, "generator", "g1"),
+    for call in (store.update(missing, state="x"), WorkerRegistry(r).place(missing, "generator"),
                  store.load_references(missing), store.ttl(missing)):
         with pytest.raises(SessionNotFound):
             await call
@@ -101,36 +99,23 @@ async def test_ttl_is_set_refreshed_on_update_and_records_expire(r):
     assert sid not in [s.id for s in await store.list()]
 
 
-async def test_counters_are_atomic_and_monotonic(r):
+async def test_replacing_a_stage_moves_the_session_off_the_old_worker(r):
     store = SessionStore(r, ttl_s=60)
-    sid = _sid()
-    await store.create(sid, {"state": "responding"})
-    results = await asyncio.gather(*(store.incr(sid, "chunks_generated") for _ in range(50)))
-    assert sorted(results) == list(range(1, 51))  # no lost updates
-    assert await store.incr(sid, "chunks_refined", 3) == 3
-    assert await store.advance(sid, "chunks_played", 5) == 5
-    assert await store.advance(sid, "chunks_played", 2) == 5  # late report does not go back
-    rec = await store.get(sid)
-    assert (rec.chunks_generated, rec.chunks_refined, rec.chunks_played) == (50, 3, 5)
-
-
-async def test_placement_compare_and_set(r):
-    store = SessionStore(r, ttl_s=60)
+    reg = WorkerRegistry(r, ttl_s=30)
+    stage = "gen-" + uuid.uuid4().hex[:6]
+    await reg.heartbeat("gen-a", stage, 4, 4)
+    await reg.heartbeat("gen-b", stage, 4, 2)
     sid = _sid()
     await store.create(sid, {"state": "warmup"})
-    assert await store.set_placement(sid, "generator", "gen-a", expected="")  # only if unplaced
-    assert not await store.set_placement(sid, "generator", "gen-b", expected="")
-    assert not await store.set_placement(sid, "generator", "gen-b", expected="gen-x")
-    assert await store.set_placement(sid, "generator", "gen-b", expected="gen-a")
-    assert await store.set_placement(sid, "refiner", "ref-a")  # unconditional
-    assert await store.placement(sid) == {"generator": "gen-b", "refiner": "ref-a"}
-    # two re-placements racing after a failure: exactly one wins
-    wins = await asyncio.gather(*(store.set_placement(sid, "generator", f"gen-{i}", expected="gen-b")
-                                  for i in range(10)))
-    assert sum(wins) == 1
-    reg = WorkerRegistry(r)
-    assert sid not in await reg.sessions_on("gen-a")  # moved away from the old worker
-    assert sid in await reg.sessions_on((await store.placement(sid))["generator"])
+    assert await reg.place(sid, stage) == "gen-a"
+    await store.update(sid, placement={"refiner": "ref-a"})
+    # failover: the old worker is excluded, the session moves to the survivor
+    assert await reg.place(sid, stage, exclude=("gen-a",)) == "gen-b"
+    assert await store.placement(sid) == {stage: "gen-b", "refiner": "ref-a"}
+    assert sid not in await reg.sessions_on("gen-a")
+    assert sid in await reg.sessions_on("gen-b")
+    await reg.deregister("gen-b", stage)
+    assert [w.worker_id for w in await reg.live_workers(stage)] == ["gen-a"]
 
 
 async def test_worker_heartbeats_expire(r):
@@ -185,30 +170,6 @@ async def test_concurrent_placements_never_overfill_a_worker(r):
     results = await asyncio.gather(*(reg.place(sid, stage) for sid in sids), return_exceptions=True)
     assert sum(1 for x in results if x == "only") == 3
     assert sum(1 for x in results if isinstance(x, NoWorkerAvailable)) == 5
-
-
-async def test_mark_dead_returns_its_sessions_for_replacement(r):
-    store = SessionStore(r, ttl_s=60)
-    reg = WorkerRegistry(r, ttl_s=30)
-    stage = "dec-" + uuid.uuid4().hex[:6]
-    await reg.heartbeat("d1", stage, 4, 4)
-    await reg.heartbeat("d2", stage, 4, 2)
-    a, b = _sid(), _sid()
-    for sid in (a, b):
-        await store.create(sid, {})
-        assert await reg.place(sid, stage) in ("d1", "d2")
-    on_d1 = await reg.sessions_on("d1")
-    assert sorted(await reg.mark_dead("d1")) == sorted(on_d1) and on_d1
-    assert not await reg.is_alive("d1")
-    assert [w.worker_id for w in await reg.live_workers(stage)] == ["d2"]
-    for sid in on_d1:  # re-place on a survivor
-        assert await reg.place(sid, stage) == "d2"
-    await reg.deregister("d2", stage)
-    assert await reg.live_workers(stage) == []
-    await reg.heartbeat("d3", stage, 4, 4)
-    await r.delete(reg.key("d3"))  # heartbeat already expired: its stage is found by scanning
-    assert await reg.mark_dead("d3") == []
-    assert await r.zscore(reg.stage_key(stage), "d3") is None
 
 
 async def test_checkpoints_keep_only_sinks_and_window_and_expire(r):

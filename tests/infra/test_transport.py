@@ -13,17 +13,21 @@ import torch
 from livestage.devstack import start_nats
 
 from livestage.observability import extract_context, tracer, use_memory_exporter
+from livestage.protos import stages_pb2 as spb
 from livestage.transport import (
     NatsBus,
     NoRespondersError,
-    StageMessage,
     Subjects,
-    decode_message,
-    decode_tensors,
-    encode_message,
-    encode_tensors,
+    decode,
+    encode,
+    kind_of,
     safe_token,
+    tensor,
+    to_numpy,
+    to_torch,
+    wrap,
 )
+from livestage.transport.codec import check_codec, decode_framed, encode_framed, message_headers
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +36,11 @@ def small_nats(tmp_path_factory):
     server = start_nats(tmp_path_factory.mktemp("nats-small"), max_payload="64KB")
     yield server.url
     server.stop()
+
+
+def _audio(x, **routing) -> spb.StageEnvelope:
+    """A typed message carrying one tensor (any body with a Tensor field would do)."""
+    return wrap(spb.UserAudio(sample_rate=16000, audio=tensor(x)), **routing)
 
 
 # -- codec ---------------------------------------------------------------------------------
@@ -47,7 +56,6 @@ def _tensors() -> dict[str, np.ndarray]:
         "bool": rng.random((4, 4)) > 0.5,
         "i16": np.arange(-6, 6, dtype=np.int16).reshape(2, 6),
         "u16": np.arange(10, dtype=np.uint16),
-        "u64": np.array([2**63 + 5], dtype=np.uint64),
         "strided": np.arange(24, dtype=np.int32).reshape(4, 6)[:, ::2],  # not contiguous
         "bigendian": np.arange(4, dtype=">f4"),
         "bf16": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16),
@@ -56,53 +64,66 @@ def _tensors() -> dict[str, np.ndarray]:
 
 def test_codec_roundtrip_of_several_dtypes_and_shapes():
     tensors = _tensors()
-    out = decode_message(encode_message(StageMessage("chunk", "s1", 5, 2, {"k": "v"}, tensors)))
-    assert (out.kind, out.session_id, out.chunk_index, out.epoch, out.meta) == ("chunk", "s1", 5, 2, {"k": "v"})
-    assert list(out.tensors) == list(tensors)
     for k, v in tensors.items():
-        got = out.tensors[k]
+        got = to_numpy(spb.Tensor.FromString(tensor(v).SerializeToString()), k)
         assert got.shape == v.shape, k
         expected_dtype = np.dtype(np.float32) if k == "bigendian" else v.dtype  # wire is little-endian
         assert got.dtype == expected_dtype, k
         np.testing.assert_array_equal(got, v, err_msg=k)
 
 
+def test_envelope_roundtrip_keeps_routing_and_typed_fields():
+    out = decode(encode(wrap(spb.RollbackStage(last_kept=3), "s1", 5, 2)))
+    assert (kind_of(out), out.session_id, out.chunk_index, out.epoch) == ("rollback_stage", "s1", 5, 2)
+    assert out.rollback_stage.last_kept == 3
+    with pytest.raises(TypeError, match="not a stage message body"):
+        wrap(spb.Tensor())
+
+
 def test_codec_torch_tensors_including_bfloat16():
     src = {"bf16": torch.randn(3, 5, dtype=torch.bfloat16), "i64": torch.arange(6).reshape(2, 3),
            "f32": torch.randn(4, requires_grad=True)}
-    data = encode_message(StageMessage("x", tensors=src))
-    as_torch = decode_message(data, as_torch=True).tensors
     for k, v in src.items():
-        assert as_torch[k].dtype == v.dtype and torch.equal(as_torch[k], v.detach()), k
-    as_numpy = decode_message(data).tensors
-    assert as_numpy["bf16"].dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(as_numpy["bf16"].astype(np.float32), src["bf16"].float().numpy())
+        t = tensor(v)
+        back = to_torch(t)
+        assert back.dtype == v.dtype and torch.equal(back, v.detach()), k
+    bf16 = tensor(src["bf16"])
+    assert bf16.dtype == spb.DTYPE_BFLOAT16 and len(bf16.data) == 2 * 15  # 2 bytes a value on the wire
+    as_numpy = to_numpy(bf16)
+    assert as_numpy.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(as_numpy.astype(np.float32), src["bf16"].float().numpy())
+    assert to_torch(bf16, dtype=torch.float32).dtype == torch.float32
 
 
-def test_encode_tensors_puts_routing_facts_in_headers():
-    headers, payload = encode_tensors({"x": np.ones((2, 2), np.float32)}, {"stage": "generator"},
-                                      kind="latents", session_id="s9", chunk_index=4, epoch=1)
-    assert headers["ls-kind"] == "latents" and headers["ls-session"] == "s9"
+def test_headers_carry_routing_facts_and_codec_version():
+    headers = message_headers(_audio(np.ones((2, 2), np.float32), session_id="s9", chunk_index=4, epoch=1))
+    assert headers["ls-kind"] == "user_audio" and headers["ls-session"] == "s9"
     assert headers["ls-chunk"] == "4" and headers["ls-epoch"] == "1"
-    msg = decode_tensors(headers, payload)
-    assert msg.meta == {"stage": "generator"} and msg.chunk_index == 4
-    np.testing.assert_array_equal(msg.tensors["x"], np.ones((2, 2), np.float32))
+    check_codec(headers)
     with pytest.raises(ValueError, match="codec"):
-        decode_tensors({**headers, "ls-codec": "99"}, payload)
+        check_codec({**headers, "ls-codec": "99"})
 
 
 def test_codec_rejects_bad_input_with_value_errors():
-    data = encode_message(StageMessage("chunk", tensors={"a": np.arange(100, dtype=np.float32)}))
-    with pytest.raises(ValueError, match="truncated"):
-        decode_message(data[:-3])
-    with pytest.raises(ValueError, match="too short"):
-        decode_message(b"\x00")
+    data = encode(_audio(np.arange(100, dtype=np.float32)))
+    with pytest.raises(ValueError, match="malformed"):
+        decode(data[:-3])
     with pytest.raises(ValueError):
-        decode_message(b"\x00\x00\x00\x05garbage-garbage")
+        decode(b"\x00")
+    with pytest.raises(ValueError, match="no body"):
+        decode(b"")
     with pytest.raises(ValueError, match="unsupported dtype"):
-        encode_message(StageMessage("x", tensors={"o": np.array(["s"], dtype=object)}))
-    # trailing bytes (Triton pads batched replies) are ignored
-    assert decode_message(data + b"\0" * 16).tensors["a"].shape == (100,)
+        tensor(np.array(["s"], dtype=object))
+    lying = spb.Tensor(dtype=spb.DTYPE_FLOAT32, shape=[100], data=b"\0" * 12)
+    with pytest.raises(ValueError, match="audio: 12 bytes for shape"):
+        to_numpy(lying, "audio")
+    with pytest.raises(ValueError, match="negative"):
+        to_numpy(spb.Tensor(dtype=spb.DTYPE_UINT8, shape=[-1], data=b""))
+    # trailing bytes (Triton pads batched replies) are ignored by the framed form
+    framed = encode_framed(_audio(np.arange(100, dtype=np.float32)))
+    assert to_numpy(decode_framed(framed + b"\0" * 16).user_audio.audio).shape == (100,)
+    with pytest.raises(ValueError, match="truncated"):
+        decode_framed(framed[:-3])
 
 
 # -- subjects ------------------------------------------------------------------------------
@@ -111,9 +132,8 @@ def test_subject_scheme():
     assert Subjects.stage_work("encoder") == "ls.encoder.work"
     assert Subjects.queue_group("encoder") == "encoder"
     assert Subjects.worker("generator", "gen-1") == "ls.generator.gen-1"
-    assert Subjects.worker_session("generator", "gen-1", "abc") == "ls.generator.gen-1.session.abc"
-    assert Subjects.worker_sessions("generator", "gen-1") == "ls.generator.gen-1.session.*"
-    assert Subjects.session_events("abc") == "ls.session.abc.events"
+    assert Subjects.worker_play("decoder", "dec-1") == "ls.decoder.dec-1.play"
+    assert Subjects.session_reports("abc") == "ls.session.abc.reports"
     assert Subjects.session_frames("abc") == "ls.session.abc.frames"
     assert Subjects.control("abc") == "ls.control.abc"
     assert Subjects.is_queue_subject("ls.encoder.work")
@@ -148,15 +168,15 @@ async def test_large_tensor_crosses_a_server_with_small_max_payload(small_nats):
     await bus.subscribe("ls.test.big", handler)
     big = np.random.default_rng(1).random((256, 1024), dtype=np.float32)  # 1 MiB
     small = np.arange(10, dtype=np.int32)
-    await bus.publish_tensors("ls.test.big", {"x": big, "y": small}, {"note": "n"}, kind="chunk",
-                              session_id="s", chunk_index=1)
-    await bus.publish_tensors("ls.test.big", {"y": small}, kind="tiny")  # unsplit, after it
+    await bus.publish("ls.test.big", wrap(spb.FrameChunk(frames=tensor(big), audio=tensor(small), speaking=True),
+                                          "s", 1))
+    await bus.publish("ls.test.big", _audio(small))  # unsplit, after it
     msg, headers = await asyncio.wait_for(got.get(), 10)
-    np.testing.assert_array_equal(msg.tensors["x"], big)
-    np.testing.assert_array_equal(msg.tensors["y"], small)
-    assert (msg.kind, msg.session_id, msg.chunk_index, msg.meta) == ("chunk", "s", 1, {"note": "n"})
-    assert headers["ls-kind"] == "chunk" and "ls-part" not in headers
-    assert (await asyncio.wait_for(got.get(), 10))[0].kind == "tiny"  # order kept
+    np.testing.assert_array_equal(to_numpy(msg.frame_chunk.frames), big)
+    np.testing.assert_array_equal(to_numpy(msg.frame_chunk.audio), small)
+    assert (kind_of(msg), msg.session_id, msg.chunk_index, msg.frame_chunk.speaking) == ("frame_chunk", "s", 1, True)
+    assert headers["ls-kind"] == "frame_chunk" and "ls-part" not in headers
+    assert kind_of((await asyncio.wait_for(got.get(), 10))[0]) == "user_audio"  # order kept
     await bus.close()
 
 
@@ -171,7 +191,8 @@ async def test_split_messages_to_a_queue_group_reach_exactly_one_member_intact(s
     def make_handler(member: int):
         async def handler(msg, headers, reply):
             expected = np.full((300, 1000), msg.chunk_index, np.float32)  # 1.2 MB each
-            received.append((member, msg.chunk_index, bool(np.array_equal(msg.tensors["x"], expected))))
+            received.append((member, msg.chunk_index,
+                             bool(np.array_equal(to_numpy(msg.user_audio.audio), expected))))
             if len(received) == n:
                 done.set()
         return handler
@@ -181,8 +202,7 @@ async def test_split_messages_to_a_queue_group_reach_exactly_one_member_intact(s
         await m.subscribe(subject, make_handler(i), queue=Subjects.queue_group("qtest"))
         await m.flush()
     for k in range(n):
-        await sender.publish_tensors(subject, {"x": np.full((300, 1000), k, np.float32)},
-                                     kind="chunk", chunk_index=k)
+        await sender.publish(subject, _audio(np.full((300, 1000), k, np.float32), chunk_index=k))
     await asyncio.wait_for(done.wait(), 30)
     await asyncio.sleep(0.3)  # nothing extra may trickle in
     assert sorted(k for _, k, _ in received) == list(range(n))  # each exactly once
@@ -197,19 +217,19 @@ async def test_request_reply_with_split_request_and_reply(small_nats):
     client_bus = await NatsBus.connect(small_nats)
 
     async def double(msg, headers, reply):
-        await server_bus.respond(reply, StageMessage("doubled", msg.session_id, msg.chunk_index,
-                                                     tensors={"y": msg.tensors["x"] * 2}))
+        doubled = to_numpy(msg.user_audio.audio) * 2
+        await server_bus.respond(reply, wrap(spb.SpeakAudio(audio=tensor(doubled)), msg.session_id,
+                                             msg.chunk_index))
 
     await server_bus.subscribe(Subjects.stage_work("echo"), double, queue="echo")
     await server_bus.flush()
     x = np.random.default_rng(2).random(300_000).astype(np.float32)  # 1.2 MB both ways
-    reply = await client_bus.request_tensors(Subjects.stage_work("echo"), {"x": x}, kind="req",
-                                             session_id="s", chunk_index=3, timeout=10)
-    assert reply.kind == "doubled" and reply.chunk_index == 3
-    np.testing.assert_array_equal(reply.tensors["y"], x * 2)
-    torch_reply = await client_bus.request_tensors(Subjects.stage_work("echo"),
-                                                   {"x": torch.ones(3)}, as_torch=True)
-    assert isinstance(torch_reply.tensors["y"], torch.Tensor) and torch_reply.tensors["y"].sum() == 6
+    reply = await client_bus.request(Subjects.stage_work("echo"), _audio(x, session_id="s", chunk_index=3),
+                                     timeout=10)
+    assert kind_of(reply) == "speak_audio" and reply.chunk_index == 3
+    np.testing.assert_array_equal(to_numpy(reply.speak_audio.audio), x * 2)
+    torch_reply = await client_bus.request(Subjects.stage_work("echo"), _audio(torch.ones(3)))
+    assert to_torch(torch_reply.speak_audio.audio).sum() == 6
     await server_bus.close()
     await client_bus.close()
 
@@ -223,14 +243,14 @@ async def test_trace_context_crosses_a_nats_hop(nats_server):
         with tracer().start_as_current_span("server", context=extract_context(headers)) as span:
             ctx = span.get_span_context()
             seen.append((ctx.trace_id, span.parent.span_id if span.parent else 0))
-        await bus.respond(reply, StageMessage("reply", msg.session_id, msg.chunk_index,
-                                              tensors={"y": msg.tensors["x"] * 2}))
+        await bus.respond(reply, wrap(spb.SpeakAudio(audio=tensor(to_numpy(msg.user_audio.audio) * 2)),
+                                      msg.session_id, msg.chunk_index))
 
     await bus.subscribe("ls.test.echo", echo, queue="echo")
     with tracer().start_as_current_span("client") as span:
         client = span.get_span_context()
-        reply = await bus.request("ls.test.echo", StageMessage("req", "s", 3, tensors={"x": np.ones(4, np.float32)}))
-    np.testing.assert_array_equal(reply.tensors["y"], np.full(4, 2, np.float32))
+        reply = await bus.request("ls.test.echo", _audio(np.ones(4, np.float32), session_id="s", chunk_index=3))
+    np.testing.assert_array_equal(to_numpy(reply.speak_audio.audio), np.full(4, 2, np.float32))
     assert seen == [(client.trace_id, client.span_id)]  # same trace, server span is a child
     names = {s.name: s for s in exporter.get_finished_spans()}
     assert names["server"].context.trace_id == names["client"].context.trace_id
@@ -241,7 +261,7 @@ async def test_no_responders_fail_fast_and_silence_times_out(nats_server):
     bus = await NatsBus.connect(nats_server)
     t0 = time.monotonic()
     with pytest.raises(NoRespondersError):
-        await bus.request("ls.test.nobody", StageMessage("req"), timeout=5)
+        await bus.request("ls.test.nobody", wrap(spb.EngineStatsRequest()), timeout=5)
     assert time.monotonic() - t0 < 2  # not the 5 s timeout
 
     async def silent(msg, headers, reply):
@@ -249,7 +269,7 @@ async def test_no_responders_fail_fast_and_silence_times_out(nats_server):
 
     await bus.subscribe("ls.test.silent", silent)
     with pytest.raises(asyncio.TimeoutError):
-        await bus.request("ls.test.silent", StageMessage("req"), timeout=0.3)
+        await bus.request("ls.test.silent", wrap(spb.EngineStatsRequest()), timeout=0.3)
     await bus.close()
 
 
@@ -268,7 +288,7 @@ async def test_a_failing_handler_does_not_kill_the_subscription(nats_server):
     await bus.subscribe("ls.test.flaky", flaky)
     await bus.nc.publish("ls.test.flaky", b"not a stage message")  # dropped, counted
     for k in range(3):
-        await bus.publish("ls.test.flaky", StageMessage("c", chunk_index=k))
+        await bus.publish("ls.test.flaky", wrap(spb.EngineStatsRequest(), chunk_index=k))
     await asyncio.wait_for(third.wait(), 5)
     assert seen == [0, 1, 2]
     await bus.close()

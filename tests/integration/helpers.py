@@ -12,7 +12,8 @@ from PIL import Image
 from livestage.media.samples import sample_speech
 from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
-from livestage.transport import NatsBus, Subjects
+from livestage.protos import stages_pb2 as spb
+from livestage.transport import NatsBus, Subjects, to_numpy
 
 
 def png_bytes(color=(200, 150, 120), size=(64, 64)) -> bytes:
@@ -43,17 +44,17 @@ async def audio_stream(session_id: str, samples: np.ndarray, rate: int = 16000, 
 
 
 class FramesListener:
-    """Collects (chunk_index, epoch, frames, meta) published for a session."""
+    """Collects (chunk_index, epoch, frames, FrameChunk) for every chunk a session shows."""
 
     def __init__(self, bus: NatsBus, session_id: str):
         self.bus = bus
         self.session_id = session_id
-        self.chunks: list[tuple[int, int, np.ndarray, dict]] = []
+        self.chunks: list[tuple[int, int, np.ndarray, spb.FrameChunk]] = []
         self.arrived = asyncio.Event()
 
     async def start(self) -> "FramesListener":
         async def on(msg, headers, reply):
-            self.chunks.append((msg.chunk_index, msg.epoch, msg.tensors["frames"], dict(msg.meta)))
+            self.chunks.append((msg.chunk_index, msg.epoch, to_numpy(msg.frame_chunk.frames), msg.frame_chunk))
             self.arrived.set()
         self.sub = await self.bus.subscribe(Subjects.session_frames(self.session_id), on)
         return self
@@ -68,6 +69,11 @@ class FramesListener:
                 self.arrived.clear()
                 await self.arrived.wait()
         await asyncio.wait_for(loop(), timeout)
+
+    @staticmethod
+    def worker(chunk: spb.FrameChunk, stage: str) -> str:
+        """The worker that computed `stage` for a chunk."""
+        return next((t.worker_id for t in chunk.timings if t.stage == stage), "")
 
     @property
     def indices(self) -> list[int]:

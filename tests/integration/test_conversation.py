@@ -16,7 +16,7 @@ from livestage.devstack.demo import SampleCharacter, drive_demo
 from livestage.media.mp4 import read_mp4
 from livestage.models.config import get_preset
 from livestage.protos import session_pb2 as pb
-from livestage.transport import NatsBus, Subjects
+from livestage.transport import NatsBus, Subjects, to_numpy
 
 from .helpers import audio_stream, character, pcm16, stub
 
@@ -81,8 +81,9 @@ class SpeakAudioTap:
         self.pieces: list[tuple[int, int, np.ndarray]] = []
 
     async def start(self, bus: NatsBus, session_id: str) -> "SpeakAudioTap":
-        async def on(msg, headers, reply):
-            self.pieces.append((int(msg.meta["reply"]), int(msg.meta.get("seq", "0")), msg.tensors["audio"]))
+        async def on(env, headers, reply):
+            speech = env.speak_audio
+            self.pieces.append((speech.reply, speech.seq, to_numpy(speech.audio, "audio")))
         await bus.subscribe(Subjects.session_speak_audio(session_id), on)
         return self
 

@@ -41,8 +41,8 @@ async def test_chunks_arrive_in_order_with_shapes_and_two_sessions_do_not_mix(st
         assert all(f.shape == FRAME_SHAPE and f.dtype == np.uint8 for _, _, f, _ in listener.chunks)
     # session a was given speech, b was not: the flags (and so the conditions) stayed per session.
     # A non-realtime session may have generated its first chunks before the speech reached it.
-    await la.wait_until(lambda chunks: any(m["speaking"] == "1" for _, _, _, m in chunks), timeout=60)
-    assert all(m["speaking"] == "0" for _, _, _, m in lb.chunks)
+    await la.wait_until(lambda chunks: any(m.speaking for _, _, _, m in chunks), timeout=60)
+    assert all(not m.speaking for _, _, _, m in lb.chunks)
     # each session's frames come from its own character (seeded weights: a small but real change)
     assert not np.array_equal(la.chunks[0][2], lb.chunks[0][2])
     got = await client.GetSession(pb.SessionRef(session_id=a))
@@ -76,11 +76,37 @@ async def test_failover_after_sigkill_of_the_generator_keeps_chunks_continuous(s
     assert delivered == list(range(len(delivered))), f"missing chunk indices in {idx}"
     assert idx == sorted(idx), "chunks must be published in order"
     assert after.sink_chunks == [0, 1, 2] and after.sink_digest == before.sink_digest
-    workers = {m.get("w.generator") for _, _, _, m in listener.chunks}
+    workers = {listener.worker(m, "generator") for _, _, _, m in listener.chunks}
     assert {victim, after.placement.generator} <= workers
     await client.EndSession(pb.SessionRef(session_id=sid))
     # bring a generator back for the other tests
     stack.start_stage("generator", victim)
+    await bus.close()
+    await channel.close()
+
+
+async def test_failover_of_the_encoder_keeps_the_audio_it_held(stack):
+    stack.start_stage("encoder", "encoder-2")
+    await asyncio.to_thread(stack.wait_for_workers, {"encoder": 2}, 60)
+    channel, client = stub(stack.session_address)
+    bus = await NatsBus.connect(stack.nats.url)
+    sid = await _session(client)
+    listener = await FramesListener(bus, sid).start()
+    await client.StartSession(pb.SessionRef(session_id=sid))
+    await client.PushSpeakAudio(audio_stream(sid, speech(30.0)))  # all of it reaches the encoder at once
+    await listener.wait_for(5)
+    victim = (await client.GetSession(pb.SessionRef(session_id=sid))).placement.encoder
+    assert victim
+    stack.services[victim].kill()  # SIGKILL: the speech it held is gone with it
+    n = len(listener.chunks)
+    await listener.wait_for(n + 8, timeout=90)
+    after = await client.GetSession(pb.SessionRef(session_id=sid))
+    assert after.placement.encoder not in ("", victim)
+    delivered = sorted(set(listener.indices))
+    assert delivered == list(range(len(delivered))), f"missing chunk indices in {listener.indices}"
+    # the new encoder was handed the audio the runtime still held: the character keeps speaking
+    assert all(m.speaking for _, _, _, m in listener.chunks[n + 2:n + 8])
+    await client.EndSession(pb.SessionRef(session_id=sid))
     await bus.close()
     await channel.close()
 
@@ -104,15 +130,15 @@ async def test_interrupt_drops_speech_within_a_chunk_and_goes_back_to_listening(
     # are silent), then interrupt it
     for _ in range(20):
         await listener.wait_for(len(listener.chunks) + 1, timeout=30)
-        if listener.chunks[-1][3]["speaking"] == "1":
+        if listener.chunks[-1][3].speaking:
             break
-    assert listener.chunks[-1][3]["speaking"] == "1"
+    assert listener.chunks[-1][3].speaking
     reply = await client.Interrupt(pb.SessionRef(session_id=sid))
     last_kept = reply.last_kept_chunk
     await listener.wait_for(len(listener.chunks) + 3, timeout=30)
     after = [(k, e, m) for k, e, _, m in listener.chunks if k > last_kept]
     assert after, "chunks after the interrupt must keep coming"
-    assert all(m["speaking"] == "0" and e >= 1 for k, e, m in after), after
+    assert all(not m.speaking and e >= 1 for k, e, m in after), after
     await client.EndSession(pb.SessionRef(session_id=sid))
     await asyncio.wait_for(collector, 10)
     changes = [(e.state_changed.previous, e.state_changed.current) for e in events

@@ -52,7 +52,7 @@ def test_chunk_encoding_round_trips():
     frames = np.stack([np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.full((32, 32), 40 * k, np.uint8)), -1)
                        for k in range(8)]).astype(np.uint8)
     audio = np.linspace(-0.5, 0.5, 16000).astype(np.float32)
-    header, pcm, decoded = parse_chunk(encode_chunk(3, frames, audio, 8, {"speaking": "1"}, quality=95))
+    header, pcm, decoded = parse_chunk(encode_chunk(3, frames, audio, 8, speaking=True, quality=95))
     assert header["chunk"] == 3 and header["speaking"] and not header["user_speaking"]
     assert len(decoded) == 8 and decoded[0].shape == (32, 32, 3)
     assert all(np.abs(d.astype(int) - f).mean() < 4 for d, f in zip(decoded, frames))

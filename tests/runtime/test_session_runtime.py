@@ -110,7 +110,10 @@ class _ImmediatePipeline:
     async def rollback(self, session_id, last_kept_chunk, epoch) -> None:
         return None
 
-    async def recover(self, last_kept_chunk, epoch, dead_stages) -> None:
+    async def recover(self, last_kept_chunk, epoch, dead_stages, history) -> None:
+        return None
+
+    async def play(self, delivery, state) -> None:
         return None
 
     async def close(self) -> None:

@@ -47,7 +47,7 @@ class LocalStack:
 
     def start_triton(self) -> None:
         from livestage.devstack.triton import python_search_path, start_triton
-        from livestage.serving.triton_repo import STAGES, build_repository
+        from livestage.serving.triton.repository import STAGES, build_repository
 
         repo = build_repository(self.workdir / "triton-repo", self.preset, allow_seeded=True,
                                 sys_path=python_search_path(), torch_threads=1)
@@ -73,7 +73,7 @@ class LocalStack:
                 self.start_stage("generator", f"generator-{i + 1}")
             self.start_stage("refiner", "refiner-1")
             self.start_stage("decoder", "decoder-1")
-            counts = {"generator": self.generators, "refiner": 1, "decoder": 1}
+            counts = {"encoder": 1, "generator": self.generators, "refiner": 1, "decoder": 1}
             if self.conversation:
                 for stage in CONVERSATION_STAGES:
                     self.start_stage(stage, f"{stage}-1")

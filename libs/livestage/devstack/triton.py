@@ -1,5 +1,5 @@
 """A real Triton server on loopback, from the `tritonserver` build that the nvidia-pytriton
-package ships (it runs on CPU), serving a repository made by `livestage.serving.triton_repo`."""
+package ships (it runs on CPU), serving a repository made by `livestage.serving.triton.repository`."""
 
 from __future__ import annotations
 

@@ -358,6 +358,16 @@ class StreamingAudioWindow:
         return self._origin + self._buffer.size + self._pending_size
 
     @property
+    def origin(self) -> int:
+        """Absolute index of the oldest sample still held (earlier ones were trimmed)."""
+        return self._origin
+
+    def samples_from(self, start_sample: int) -> np.ndarray:
+        """A copy of the samples held from absolute index `start_sample` (>= `origin`) to the end."""
+        buffer = self._flat()
+        return buffer[max(start_sample - self._origin, 0):].copy()
+
+    @property
     def buffered_samples(self) -> int:
         """Samples held in memory (bounded by `trim_before`)."""
         return self._buffer.size + self._pending_size
@@ -373,6 +383,14 @@ class StreamingAudioWindow:
         if arr.size:
             self._pending.append(arr.copy())
             self._pending_size += arr.size
+
+    def restart_at(self, start_sample: int) -> None:
+        """Forgets everything and continues the stream at absolute sample `start_sample` (a copy
+        of a stream rebuilt mid-session on another worker): earlier samples read as silence."""
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._pending.clear()
+        self._pending_size = 0
+        self._origin = max(int(start_sample), 0)
 
     def pad_to(self, seconds: float) -> None:
         """Appends silence so that audio reaches `seconds` (no-op if it already does).

@@ -37,7 +37,8 @@ from livestage.config import Settings
 from livestage.observability import get_logger
 from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
-from livestage.transport import NatsBus, Subjects
+from livestage.transport import Envelope, NatsBus, Subjects, kind_of, to_numpy
+from livestage.transport.codec import is_set
 
 MAX_MIC_MESSAGE = 64 * 1024
 _log = get_logger("playground")
@@ -58,8 +59,8 @@ def _error(status: int, message: str, field: str = "") -> web.Response:
     return web.json_response({"error": message, "field": field}, status=status)
 
 
-def encode_chunk(chunk_index: int, frames: np.ndarray, audio: np.ndarray, fps: int, meta: dict[str, str],
-                 quality: int = 80) -> bytes:
+def encode_chunk(chunk_index: int, frames: np.ndarray, audio: np.ndarray, fps: int, speaking: bool = False,
+                 user_speaking: bool = False, quality: int = 80) -> bytes:
     """One chunk as the page reads it (see the module docstring)."""
     jpegs = []
     for frame in frames:
@@ -67,8 +68,8 @@ def encode_chunk(chunk_index: int, frames: np.ndarray, audio: np.ndarray, fps: i
         Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
         jpegs.append(buf.getvalue())
     pcm = (np.clip(np.nan_to_num(audio), -1, 1) * 32767).astype("<i2").tobytes()
-    header = json.dumps({"chunk": chunk_index, "fps": fps, "speaking": meta.get("speaking") == "1",
-                         "user_speaking": meta.get("user_speaking") == "1", "audio_samples": len(pcm) // 2,
+    header = json.dumps({"chunk": chunk_index, "fps": fps, "speaking": bool(speaking),
+                         "user_speaking": bool(user_speaking), "audio_samples": len(pcm) // 2,
                          "jpeg_sizes": [len(j) for j in jpegs]}).encode()
     return struct.pack(">I", len(header)) + header + pcm + b"".join(jpegs)
 
@@ -155,10 +156,21 @@ class Playground:
         assert self.bus is not None and self.client is not None
         send_lock = asyncio.Lock()
 
-        async def on_frames(msg, headers, reply) -> None:
-            data = await asyncio.to_thread(encode_chunk, msg.chunk_index, msg.tensors["frames"],
-                                           msg.tensors["audio"], int(msg.tensors["frames"].shape[0]),
-                                           msg.meta, self.settings.jpeg_quality)
+        async def on_frames(env: Envelope, headers: dict[str, str], reply: str) -> None:
+            if kind_of(env) != "frame_chunk":
+                return
+            fc = env.frame_chunk
+            try:
+                frames = to_numpy(fc.frames, "frames")
+                audio = to_numpy(fc.audio, "audio") if is_set(fc.audio) else np.zeros(0, np.float32)
+                if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+                    raise ValueError(f"frames: expected uint8 [T, H, W, 3], got {frames.dtype} "
+                                     f"{list(frames.shape)}")
+            except ValueError as exc:  # a malformed chunk is skipped; the stream goes on
+                _log.warning("frames_dropped", session_id=sid, chunk=env.chunk_index, error=str(exc))
+                return
+            data = await asyncio.to_thread(encode_chunk, env.chunk_index, frames, audio, int(frames.shape[0]),
+                                           fc.speaking, fc.user_speaking, self.settings.jpeg_quality)
             async with send_lock:
                 if not ws.closed:
                     await ws.send_bytes(data)

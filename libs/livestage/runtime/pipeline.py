@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +19,12 @@ import torch
 
 from livestage.models.audio import StreamingAudioWindow
 from livestage.models.bundle import AvatarModels
-from livestage.runtime.session_runtime import ChunkDelivery, ChunkRequest
+from livestage.runtime.session_runtime import AudioCursor, AudioDelta, ChunkDelivery, ChunkRequest
+from livestage.runtime.session_state import SessionState
 from livestage.runtime.stages import (
-    ChunkInputs,
     ConditionEncoder,
     DecoderSession,
+    EncoderSession,
     GeneratorSession,
     ReferenceImages,
     RefinerSession,
@@ -56,6 +58,8 @@ class StreamingAvatar:
         self.setup_ms = (time.perf_counter() - t0) * 1000
         self.speak = StreamingAudioWindow.for_chunks(self.preset.chunk)
         self.listen = StreamingAudioWindow.for_chunks(self.preset.chunk)
+        self._speak_sent = AudioCursor(self.speak)
+        self._listen_sent = AudioCursor(self.listen)
         self.directive = directive
         self._pending_directive: str | None = None
         self.chunk_index = 0
@@ -83,8 +87,8 @@ class StreamingAvatar:
         k = self.chunk_index
         if self._pending_directive is not None:
             self.directive, self._pending_directive = self._pending_directive, None
-        delivery = self.pipeline.produce(ChunkRequest("local", k, 0, self.speak.window(k),
-                                                      self.listen.window(k), self.directive))
+        delivery = self.pipeline.produce(ChunkRequest("local", k, 0, self._speak_sent.delta(),
+                                                      self._listen_sent.delta(), k, self.directive))
         assert delivery is not None
         self.speak.trim_before(k + 1)
         self.listen.trim_before(k + 1)
@@ -108,6 +112,7 @@ class InProcessChunkPipeline:
                  lookahead: int = 2):
         self.models = models
         self.encoder = ConditionEncoder(models)
+        self.audio = EncoderSession(self.encoder)
         refs = self.encoder.encode_references(references)
         self.generator = GeneratorSession(models, seed, refs, rollback_chunks=lookahead)
         self.refiner = RefinerSession(models, seed, refs, rollback_chunks=lookahead)
@@ -127,8 +132,10 @@ class InProcessChunkPipeline:
                 return None
             timings: dict[str, float] = {}
             t = time.perf_counter()
-            inputs = self.encoder.encode_chunk(request.chunk_index, request.speak_window,
-                                               request.listen_window, request.directive)
+            self.audio.receive("speak", request.speak.start_sample, request.speak.samples)
+            self.audio.receive("listen", request.listen.start_sample, request.listen.samples)
+            inputs, speak_audio = self.audio.encode(request.chunk_index, request.directive)
+            self.audio.forget_before(min(request.played_chunk, request.chunk_index))
             timings["encode"] = self._lap(t)
             t = time.perf_counter()
             coarse = self.generator.generate(inputs)
@@ -140,12 +147,16 @@ class InProcessChunkPipeline:
             frames = self.decoder.decode(clean, request.chunk_index)
             timings["decode"] = self._lap(t)
             timings["total"] = sum(timings[s] for s in STAGES)
-        n = self.models.preset.chunk.samples_per_chunk
         return ChunkDelivery(
             session_id=request.session_id, chunk_index=request.chunk_index, epoch=request.epoch,
-            frames=frames, speak_audio=np.asarray(request.speak_window[-n:], dtype=np.float32),
+            frames=frames, speak_audio=np.asarray(speak_audio, dtype=np.float32),
             speaking=inputs.speaking, user_speaking=inputs.user_speaking, timings_ms=timings,
         )
+
+    def restore_audio(self, speak: AudioDelta, listen: AudioDelta) -> None:
+        with self._lock:
+            self.audio.restore("speak", speak.start_sample, speak.samples)
+            self.audio.restore("listen", listen.start_sample, listen.samples)
 
     async def submit(self, request: ChunkRequest) -> None:
         delivery = await asyncio.to_thread(self.produce, request)
@@ -163,17 +174,25 @@ class InProcessChunkPipeline:
                 self.refiner.rollback(last_kept_chunk)
                 self.decoder.rollback(last_kept_chunk)
         await asyncio.to_thread(_rollback)
-        # Drop queued deliveries of the old epoch.
-        kept = []
-        while not self._deliveries.empty():
-            d = self._deliveries.get_nowait()
-            if d.epoch == epoch:
-                kept.append(d)
-        for d in kept:
-            self._deliveries.put_nowait(d)
+        drop_stale(self._deliveries, epoch)
 
-    async def recover(self, last_kept_chunk: int, epoch: int, dead_stages: list[str]) -> None:
+    async def recover(self, last_kept_chunk: int, epoch: int, dead_stages: list[str],
+                      history: Callable[[], tuple[AudioDelta, AudioDelta]]) -> None:
         await self.rollback("", last_kept_chunk, epoch)  # nothing dies in-process
+
+    async def play(self, delivery: ChunkDelivery, state: SessionState) -> None:
+        return None  # the frames are in the delivery already
 
     async def close(self) -> None:
         return None
+
+
+def drop_stale(queue: asyncio.Queue, epoch: int) -> None:
+    """Removes queued deliveries of other epochs (generated before an interrupt or failover)."""
+    kept = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item.epoch == epoch:
+            kept.append(item)
+    for item in kept:
+        queue.put_nowait(item)

@@ -28,32 +28,73 @@ from livestage.models.config import ChunkConfig
 from livestage.runtime.session_state import SessionState, SessionStateMachine, Transition
 
 
+@dataclass(frozen=True)
+class AudioDelta:
+    """New samples of one stream since the previous request, placed on the session timeline:
+    the receiver forgets what it held from `start_sample` on and appends `samples` (so a cut made
+    by an interrupt reaches it as a delta that starts at the cut)."""
+
+    start_sample: int
+    samples: np.ndarray  # float32 mono
+
+    @classmethod
+    def empty(cls) -> "AudioDelta":
+        return cls(0, np.zeros(0, np.float32))
+
+
+class AudioCursor:
+    """Tracks how far a stream has been sent, so every sample is sent once."""
+
+    def __init__(self, window: StreamingAudioWindow):
+        self.window = window
+        self.sent_end = 0
+
+    def delta(self) -> AudioDelta:
+        start = max(min(self.sent_end, self.window.end_sample), self.window.origin)
+        self.sent_end = self.window.end_sample
+        return AudioDelta(start, self.window.samples_from(start))
+
+    def history(self) -> AudioDelta:
+        """Everything the window still holds (to rebuild a receiver from scratch)."""
+        self.sent_end = self.window.end_sample
+        return AudioDelta(self.window.origin, self.window.samples_from(self.window.origin))
+
+
 @dataclass
 class ChunkRequest:
-    """Everything the pipeline needs to produce chunk `chunk_index` of a session."""
+    """Everything the pipeline needs to produce chunk `chunk_index` of a session: the audio that
+    arrived since the previous request (the pipeline's encoder keeps the 3-s windows)."""
 
     session_id: str
     chunk_index: int
     epoch: int
-    speak_window: np.ndarray  # float32, 3 s (2 s history + 1 s current)
-    listen_window: np.ndarray
+    speak: AudioDelta
+    listen: AudioDelta
+    played_chunk: int = 0  # audio before this chunk's window is no longer needed
     directive: str = ""
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
 class ChunkDelivery:
-    """A finished chunk: frames (uint8 [T, H, W, 3]), its speak audio and stage timings."""
+    """A finished chunk: its flags, frame shape and stage timings. In-process pipelines include
+    the frames (uint8 [T, H, W, 3]) and speak audio; the distributed pipeline's decoder keeps them
+    and publishes them once when the chunk plays (`ChunkPipeline.play`)."""
 
     session_id: str
     chunk_index: int
     epoch: int
-    frames: np.ndarray
-    speak_audio: np.ndarray
+    frames: np.ndarray | None
+    speak_audio: np.ndarray | None
     speaking: bool
     user_speaking: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
     worker_ids: dict[str, str] = field(default_factory=dict)
+    frame_shape: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.frames.shape) if self.frames is not None else self.frame_shape
 
 
 class StageFailure(Exception):
@@ -71,7 +112,13 @@ class ChunkPipeline(Protocol):
 
     async def rollback(self, session_id: str, last_kept_chunk: int, epoch: int) -> None: ...
 
-    async def recover(self, last_kept_chunk: int, epoch: int, dead_stages: list[str]) -> None: ...
+    async def recover(self, last_kept_chunk: int, epoch: int, dead_stages: list[str],
+                      history: Callable[[], tuple[AudioDelta, AudioDelta]]) -> None:
+        """Re-places dead stages; `history()` (call it only to rebuild an encoder) hands over the
+        audio the runtime holds and counts it as sent."""
+
+    async def play(self, delivery: ChunkDelivery, state: SessionState) -> None:
+        """Chunk `delivery` starts playing now (in `state`): show its frames."""
 
     async def close(self) -> None: ...
 
@@ -100,6 +147,8 @@ class SessionRuntime:
         self.on_chunk = on_chunk
         self.speak = StreamingAudioWindow.for_chunks(chunk)
         self.listen = StreamingAudioWindow.for_chunks(chunk)
+        self._speak_sent = AudioCursor(self.speak)
+        self._listen_sent = AudioCursor(self.listen)
         self.directive = ""
         self._pending_directive: str | None = None
         self.state = SessionStateMachine()
@@ -153,13 +202,15 @@ class SessionRuntime:
         self._pending_directive = text
 
     async def interrupt(self) -> int:
-        """Drops speech beyond the chunk now playing; returns the last chunk kept."""
+        """Drops speech beyond the chunk now playing (a responding character listens again);
+        returns the last chunk kept."""
         last_kept = self.played - 1
         self.speak.drop_after(max(last_kept + 1, 0) * self.chunk.chunk_seconds)
         self.epoch += 1
         await self.pipeline.rollback(self.session_id, last_kept, self.epoch)
         self.next_submit = last_kept + 1
         await self.events("interrupted", {"last_kept_chunk": last_kept, "epoch": self.epoch})
+        await self._emit_transition(self.state.on_interrupt(last_kept))
         self._wake.set()
         return last_kept
 
@@ -169,12 +220,19 @@ class SessionRuntime:
         last_kept = self.played - 1
         self.epoch += 1
         await self.events("failover", {"dead_stages": failure.dead_stages, "last_kept_chunk": last_kept})
-        await self.pipeline.recover(last_kept, self.epoch, failure.dead_stages)
+        await self.pipeline.recover(last_kept, self.epoch, failure.dead_stages, self._audio_history)
         self.next_submit = last_kept + 1
+
+    def _audio_history(self) -> tuple[AudioDelta, AudioDelta]:
+        return self._speak_sent.history(), self._listen_sent.history()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    async def end_unstarted(self) -> None:
+        """Ends a session whose loop never ran (the end transition `run` would have emitted)."""
+        await self._emit_transition(self.state.end(self.played))
 
     # -- the loop -------------------------------------------------------------------------------
     async def _fill_lookahead(self) -> None:
@@ -184,8 +242,8 @@ class SessionRuntime:
                 self.directive, self._pending_directive = self._pending_directive, None
             await self.pipeline.submit(ChunkRequest(
                 session_id=self.session_id, chunk_index=k, epoch=self.epoch,
-                speak_window=self.speak.window(k), listen_window=self.listen.window(k),
-                directive=self.directive,
+                speak=self._speak_sent.delta(), listen=self._listen_sent.delta(),
+                played_chunk=self.played, directive=self.directive,
             ))
             self.next_submit += 1
 
@@ -265,12 +323,13 @@ class SessionRuntime:
                 self.delivered.append(delivery.chunk_index)
                 await self._emit_transition(
                     self.state.on_chunk(delivery.chunk_index, delivery.speaking, delivery.user_speaking))
+                await self.pipeline.play(delivery, self.state.state)
                 if self.on_chunk is not None:
                     await self.on_chunk(delivery)
+                shape = list(delivery.shape)
                 await self.events("chunk", {"chunk": delivery.chunk_index,
-                                            "frames": int(delivery.frames.shape[0]),
-                                            "shape": list(delivery.frames.shape),
-                                            "timings_ms": delivery.timings_ms})
+                                            "frames": int(shape[0]) if shape else 0,
+                                            "shape": shape, "timings_ms": delivery.timings_ms})
                 self.speak.trim_before(self.played)
                 self.listen.trim_before(self.played)
         finally:

@@ -2,7 +2,8 @@
 
 - `ConditionEncoder` (stage `encoder`): reference images -> VAE latents; per chunk, the 3 s audio
   windows of the speak and listen streams -> audio features, the text directive -> text features.
-  Stateless apart from caches of encodings.
+  `EncoderSession` holds one session's audio streams on the encoder, so each sample is sent to it
+  once instead of three times inside overlapping windows.
 - `GeneratorSession` (stage `generator`): the 2-step backbone and its `NoisyHistoryCache`.
 - `RefinerSession` (stage `refiner`): the 1-step refiner and its `CleanHistoryCache`.
 - `DecoderSession` (stage `decoder`): streaming VAE decode with the per-session conv cache.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from livestage.models.audio import StreamingAudioWindow
 from livestage.models.bundle import AvatarModels
 from livestage.models.config import MAX_REFERENCES, REFERENCE_KINDS
 from livestage.models.dit import WanDiT
@@ -59,15 +61,32 @@ class HistoryEntry:
     inputs: ChunkInputs
 
 
-def validate_references(references: ReferenceImages, height: int, width: int) -> None:
-    """Checks kinds, counts (1 global, <=4 views, <=8 expressions) and image shapes."""
+class ReferenceKindError(ValueError):
+    """A reference set with a bad kind or count; `index` is the offending reference (-1: the set)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def check_reference_kinds(kinds: list[str]) -> None:
+    """Exactly one global reference, at most 4 views and 8 expressions, no unknown kinds: the one
+    check both the session API (which names the field) and the encoder use."""
     counts: dict[str, int] = {}
-    for kind, image in references:
+    for i, kind in enumerate(kinds):
         if kind not in REFERENCE_KINDS:
-            raise ValueError(f"reference kind {kind!r} is not one of {', '.join(REFERENCE_KINDS)}")
+            raise ReferenceKindError(i, f"reference kind {kind!r} is not one of {', '.join(REFERENCE_KINDS)}")
         counts[kind] = counts.get(kind, 0) + 1
         if counts[kind] > MAX_REFERENCES[kind]:
-            raise ValueError(f"at most {MAX_REFERENCES[kind]} {kind} reference image(s) are allowed")
+            raise ReferenceKindError(i, f"at most {MAX_REFERENCES[kind]} {kind} reference image(s) are allowed")
+    if counts.get("global") != 1:
+        raise ReferenceKindError(-1, "exactly one GLOBAL reference image is required")
+
+
+def validate_references(references: ReferenceImages, height: int, width: int) -> None:
+    """Checks kinds, counts (1 global, <=4 views, <=8 expressions) and image shapes."""
+    check_reference_kinds([kind for kind, _ in references])
+    for kind, image in references:
         if tuple(image.shape) != (3, height, width):
             raise ValueError(f"{kind} reference image must be [3, {height}, {width}], got {tuple(image.shape)}")
 
@@ -109,6 +128,52 @@ class ConditionEncoder:
             speaking=bool(speak[current].pow(2).mean().sqrt() > silence_rms),
             user_speaking=bool(listen[current].pow(2).mean().sqrt() > silence_rms),
         )
+
+
+class EncoderSession:
+    """The encoder's copy of one session's speak and listen streams.
+
+    The session runtime sends each stream's new samples once, placed on the session timeline
+    (`receive`: what the encoder held from `start_sample` on is replaced, which is how an
+    interrupt's cut reaches it); the encoder reads chunk k's 3-s windows from its own copy, so they
+    equal the runtime's windows at the time chunk k was requested.
+    """
+
+    def __init__(self, encoder: ConditionEncoder):
+        self.encoder = encoder
+        chunk = encoder.preset.chunk
+        self.speak = StreamingAudioWindow.for_chunks(chunk)
+        self.listen = StreamingAudioWindow.for_chunks(chunk)
+        self.next_chunk_index = 0
+
+    def rollback(self, last_kept_chunk: int) -> None:
+        """After an interrupt: the next request is for the chunk after `last_kept_chunk` (the cut
+        speech itself arrives with that request's speak slice)."""
+        self.next_chunk_index = last_kept_chunk + 1
+
+    def receive(self, stream: str, start_sample: int, samples: np.ndarray) -> None:
+        window = self.speak if stream == "speak" else self.listen
+        seconds = start_sample / window.sample_rate
+        window.drop_after(seconds)
+        window.pad_to(seconds)
+        window.push(samples)
+
+    def restore(self, stream: str, start_sample: int, samples: np.ndarray) -> None:
+        """Starts a stream mid-session from the audio the runtime still holds (failover)."""
+        window = self.speak if stream == "speak" else self.listen
+        window.restart_at(start_sample)
+        window.push(samples)
+
+    def encode(self, chunk_index: int, directive: str) -> tuple[ChunkInputs, np.ndarray]:
+        """Chunk k's condition features and the 1 s of speech that plays with its frames."""
+        speak = self.speak.window(chunk_index)
+        inputs = self.encoder.encode_chunk(chunk_index, speak, self.listen.window(chunk_index), directive)
+        return inputs, speak[-self.encoder.preset.chunk.samples_per_chunk:]
+
+    def forget_before(self, chunk_index: int) -> None:
+        """Drops audio no window of chunk >= `chunk_index` needs (the chunk playing now)."""
+        self.speak.trim_before(chunk_index)
+        self.listen.trim_before(chunk_index)
 
 
 class _DiTStageSession:

@@ -183,42 +183,6 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS[1] session hash, KEYS[2] refs key. ARGV: ttl ms, now ms, field, amount, mode.
-# mode "incr": HINCRBY; mode "max": raise to amount if larger. Returns {exists, new value}.
-_COUNTER = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
-local v
-if ARGV[5] == 'max' then
-  v = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0') or 0
-  if tonumber(ARGV[4]) > v then
-    v = tonumber(ARGV[4]); redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-  end
-else
-  v = redis.call('HINCRBY', KEYS[1], ARGV[3], ARGV[4])
-end
-redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return {1, v}
-"""
-
-# KEYS[1] session hash. ARGV: stage, new worker, mode ('cas' or 'set'), expected ('' = must be
-# unplaced), ttl ms, now ms, session id. Returns {status, current}: 1 set, 0 CAS mismatch,
-# -1 no session.
-_SET_PLACEMENT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
-local f = 'placement:' .. ARGV[1]
-local cur = redis.call('HGET', KEYS[1], f) or ''
-if ARGV[3] == 'cas' and cur ~= ARGV[4] then return {0, cur} end
-redis.call('HSET', KEYS[1], f, ARGV[2], 'updated_ms', ARGV[6])
-if cur ~= '' and cur ~= ARGV[2] then redis.call('SREM', 'ls:worker:' .. cur .. ':sessions', ARGV[7]) end
-local ws = 'ls:worker:' .. ARGV[2] .. ':sessions'
-redis.call('SADD', ws, ARGV[7])
-redis.call('PEXPIRE', ws, ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return {1, ARGV[2]}
-"""
-
 # KEYS[1] workers zset of the stage, KEYS[2] session hash. ARGV: stage, ttl ms, now ms,
 # session id, excluded ids... Picks the live worker with the most free slots, takes one slot,
 # records the placement. Returns the worker id, '' if none has a slot, or -1 if no session.
@@ -274,8 +238,6 @@ class SessionStore:
         self.r = r
         self.ttl_s = ttl_s
         self._update = r.register_script(_UPDATE)
-        self._counter = r.register_script(_COUNTER)
-        self._set_placement = r.register_script(_SET_PLACEMENT)
 
     @property
     def _ttl_ms(self) -> int:
@@ -328,9 +290,7 @@ class SessionStore:
 
     async def update(self, session_id: str, **fields: object) -> None:
         """Sets fields atomically and refreshes the TTL (of the record and its references).
-
-        `placement={stage: worker}` sets placements unconditionally; use `set_placement` for CAS.
-        """
+        Placements are made by `WorkerRegistry.place` (atomic with the worker's slot)."""
         data = _to_fields(fields)
         data["updated_ms"] = str(_now_ms())
         flat = [x for kv in data.items() for x in kv]
@@ -338,43 +298,6 @@ class SessionStore:
                                 args=[self._ttl_ms, *flat])
         if not ok:
             raise SessionNotFound(session_id)
-
-    async def incr(self, session_id: str, field: str, amount: int = 1) -> int:
-        """Atomically adds to a counter (e.g. chunks_generated) and returns the new value."""
-        exists, value = await self._counter(
-            keys=[self.key(session_id), self.refs_key(session_id)],
-            args=[self._ttl_ms, _now_ms(), field, int(amount), "incr"])
-        if not exists:
-            raise SessionNotFound(session_id)
-        return int(value)
-
-    async def advance(self, session_id: str, field: str, value: int) -> int:
-        """Raises a counter to `value` unless it is already higher; returns the counter.
-
-        For progress reported by several workers whose messages may arrive out of order.
-        """
-        exists, current = await self._counter(
-            keys=[self.key(session_id), self.refs_key(session_id)],
-            args=[self._ttl_ms, _now_ms(), field, int(value), "max"])
-        if not exists:
-            raise SessionNotFound(session_id)
-        return int(current)
-
-    async def set_placement(self, session_id: str, stage: str, worker_id: str,
-                            expected: str | None = None) -> bool:
-        """Records that `worker_id` holds `stage` for the session.
-
-        With `expected` it is a compare-and-set: it only succeeds if the current placement equals
-        `expected` ("" = not placed yet), so two services re-placing a session after a worker
-        died cannot both win. Returns False on a mismatch; SessionNotFound if no session.
-        """
-        status, _current = await self._set_placement(
-            keys=[self.key(session_id)],
-            args=[stage, worker_id, "set" if expected is None else "cas", expected or "",
-                  self._ttl_ms, _now_ms(), session_id])
-        if int(status) < 0:
-            raise SessionNotFound(session_id)
-        return int(status) == 1
 
     async def placement(self, session_id: str) -> dict[str, str]:
         return dict((await self.get(session_id)).placement)
@@ -514,14 +437,6 @@ class WorkerRegistry:
         out.sort(key=lambda w: (-w.free, w.worker_id))
         return out
 
-    async def choose(self, stage: str, exclude: tuple[str, ...] = ()) -> WorkerInfo | None:
-        """The live worker of `stage` with the most free slots (None if none has a free slot).
-        Only looks; `place` also takes the slot and records the placement."""
-        for w in await self.live_workers(stage):
-            if w.worker_id not in exclude and w.free > 0:
-                return w
-        return None
-
     async def place(self, session_id: str, stage: str, exclude: tuple[str, ...] = ()) -> str:
         """Places the session's `stage` on the freest live worker and records it (atomically).
 
@@ -548,23 +463,6 @@ class WorkerRegistry:
             p.zrem(self.stage_key(stage), worker_id)
             await p.execute()
 
-    async def mark_dead(self, worker_id: str, stage: str | None = None) -> list[str]:
-        """Declares a worker dead (missed heartbeats, failed requests): it stops being live and
-        placeable at once. Returns the sessions that were placed on it, to re-place."""
-        if stage is None:
-            info = await self.get(worker_id)
-            stages = [info.stage] if info else [
-                _s(k).removeprefix("ls:workers:")
-                async for k in self.r.scan_iter(match="ls:workers:*", count=100)]
-        else:
-            stages = [stage]
-        sessions = await self.sessions_on(worker_id)
-        async with self.r.pipeline(transaction=True) as p:
-            p.delete(self.key(worker_id), self.sessions_key(worker_id))
-            for st in stages:
-                p.zrem(self.stage_key(st), worker_id)
-            await p.execute()
-        return sessions
 
 
 class CheckpointStore:

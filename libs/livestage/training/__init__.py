@@ -1,2 +1,3 @@
-"""Training the demo model (issue 7): synthetic talking-character data and, to come, the VAE,
-the bidirectional teacher and the four distillation stages. Never imported by the services."""
+"""Training the demo model: synthetic talking-character data (renderer, speech corpus, scenarios),
+the VAE, the bidirectional teacher, the four distillation stages (`recipe.py` runs them in order,
+resumably) and the evaluation harness. Never imported by the services."""

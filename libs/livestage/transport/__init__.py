@@ -1,15 +1,21 @@
-"""NATS transport between stages: subjects in one place, tensors as raw bytes with a small
-envelope, W3C trace context in headers, and messages split to fit the server's max_payload."""
+"""NATS transport between services: subjects in one place, typed protobuf envelopes with tensors
+as raw bytes, W3C trace context in headers, and messages split to fit the server's max_payload."""
 
 from livestage.transport.codec import (
-    StageMessage,
-    decode_message,
-    decode_tensors,
-    encode_message,
-    encode_tensors,
+    Envelope,
+    body_of,
+    decode,
+    encode,
+    error_envelope,
+    kind_of,
+    tensor,
+    to_numpy,
+    to_torch,
+    wrap,
 )
 from livestage.transport.nats_bus import Handler, NatsBus, NoRespondersError
 from livestage.transport.subjects import Subjects, safe_token
 
-__all__ = ["Handler", "NatsBus", "NoRespondersError", "StageMessage", "Subjects", "decode_message",
-           "decode_tensors", "encode_message", "encode_tensors", "safe_token"]
+__all__ = ["Envelope", "Handler", "NatsBus", "NoRespondersError", "Subjects", "body_of", "decode",
+           "encode", "error_envelope", "kind_of", "safe_token", "tensor", "to_numpy", "to_torch",
+           "wrap"]

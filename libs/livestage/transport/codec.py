@@ -1,36 +1,37 @@
-"""Stage messages: tensors as raw bytes behind a small protobuf envelope.
+"""Typed stage messages: one protobuf `StageEnvelope` per NATS message, one body kind each.
 
-Layout of one message body: `[4-byte big-endian envelope length][StageEnvelope][tensor bytes]`.
-The envelope (stages.proto) carries kind, session id, chunk index, epoch, string meta and one
-`TensorHeader` (name, dtype, shape, offset, nbytes, session id, chunk index) per tensor, so the
-receiver reads tensors with `np.frombuffer` — no pickling (a network peer must never be able to
-run code in a worker) and no copies beyond the one the socket read made. The same bytes are also
-what we store in Redis (checkpoints, references), so the layout is stable: readers ignore
-trailing bytes and unknown envelope fields.
+Every message between services is a `livestage.v1.StageEnvelope` (protos/livestage/v1/stages.proto):
+routing data every kind has (session id, chunk index, epoch) and a `body` oneof with exactly one
+typed message. Tensors are `Tensor` fields (dtype enum, shape, raw little-endian bytes), so a
+receiver never unpickles anything a peer sent (a network peer must never run code in a worker) and
+bfloat16 latents travel as their 2-byte patterns in the model's dtype.
 
-Tensors may be numpy arrays or torch tensors (moved to CPU). bfloat16, which numpy lacks, travels
-as its raw 2-byte values and decodes to `ml_dtypes.bfloat16` arrays when that package is present,
-to float32 (exact) otherwise, or to `torch.bfloat16` with `decode_message(..., as_torch=True)`.
-Decoded numpy arrays are read-only views of the message bytes; copy before writing into them.
+    env = wrap(pb.RollbackStage(last_kept=3), session_id=sid, epoch=2)
+    data = encode(env)                  # bytes for NATS, Redis or a Triton UINT8 tensor
+    env = decode(data)                  # ValueError (never anything else) on malformed input
+    kind_of(env) == "rollback_stage"; body_of(env).last_kept == 3
+
+`tensor(x)` turns a numpy array or torch tensor into a `Tensor`; `to_numpy` / `to_torch` read one
+back, checking that dtype, shape and byte count agree.
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from livestage.protos import stages_pb2
+from livestage.protos import stages_pb2 as spb
 
-__all__ = ["ALLOWED_DTYPES", "CODEC_VERSION", "StageMessage", "decode_message", "decode_tensors",
-           "encode_message", "encode_tensors", "to_numpy"]
+__all__ = ["CODEC_VERSION", "Envelope", "body_of", "decode", "encode", "error_envelope", "kind_of",
+           "message_headers", "tensor", "to_numpy", "to_torch", "wrap"]
 
-CODEC_VERSION = "1"
-ALLOWED_DTYPES = frozenset({"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
-                            "uint64", "float16", "float32", "float64", "bfloat16"})
-_LEN = struct.Struct(">I")
+CODEC_VERSION = "2"
+Envelope = spb.StageEnvelope
+
+_BODY = Envelope.DESCRIPTOR.oneofs_by_name["body"]
+_FIELD_BY_TYPE: dict[str, str] = {f.message_type.full_name: f.name for f in _BODY.fields}
+assert len(_FIELD_BY_TYPE) == len(_BODY.fields), "each body type appears once in the envelope"
 
 try:  # numpy has no bfloat16; ml_dtypes (pulled in by several ML packages) adds it
     import ml_dtypes as _ml_dtypes
@@ -39,125 +40,136 @@ try:  # numpy has no bfloat16; ml_dtypes (pulled in by several ML packages) adds
 except ImportError:  # pragma: no cover - depends on the environment
     _NP_BF16 = None
 
-
-@dataclass
-class StageMessage:
-    kind: str
-    session_id: str = ""
-    chunk_index: int = -1
-    epoch: int = 0
-    meta: dict[str, str] = field(default_factory=dict)
-    tensors: dict[str, Any] = field(default_factory=dict)
-
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) if hasattr(a, "nbytes") else 0 for a in self.tensors.values())
+_NP_BY_DTYPE: dict[int, np.dtype] = {
+    spb.DTYPE_BOOL: np.dtype("bool"), spb.DTYPE_UINT8: np.dtype("uint8"),
+    spb.DTYPE_INT8: np.dtype("int8"), spb.DTYPE_INT16: np.dtype("<i2"),
+    spb.DTYPE_UINT16: np.dtype("<u2"), spb.DTYPE_INT32: np.dtype("<i4"),
+    spb.DTYPE_INT64: np.dtype("<i8"), spb.DTYPE_FLOAT16: np.dtype("<f2"),
+    spb.DTYPE_FLOAT32: np.dtype("<f4"), spb.DTYPE_FLOAT64: np.dtype("<f8"),
+}
+_DTYPE_BY_NAME: dict[str, int] = {np.dtype(d).name: k for k, d in _NP_BY_DTYPE.items()}
+_ITEMSIZE = {**{k: d.itemsize for k, d in _NP_BY_DTYPE.items()}, spb.DTYPE_BFLOAT16: 2}
 
 
-def to_numpy(value: Any) -> tuple[np.ndarray, str]:
-    """A C-contiguous little-endian array with the bytes to send, and the dtype name to announce.
+def wrap(body: Any, session_id: str = "", chunk_index: int = -1, epoch: int = 0) -> Envelope:
+    """An envelope around one body message (the oneof field is found from the body's type)."""
+    name = _FIELD_BY_TYPE.get(body.DESCRIPTOR.full_name)
+    if name is None:
+        raise TypeError(f"{body.DESCRIPTOR.full_name} is not a stage message body")
+    env = Envelope(session_id=session_id, chunk_index=chunk_index, epoch=epoch)
+    getattr(env, name).CopyFrom(body)
+    return env
 
-    torch tensors are detached and moved to CPU; bfloat16 (torch or ml_dtypes) is sent as its
-    raw 16-bit patterns under the name "bfloat16".
-    """
-    if type(value).__module__.startswith("torch"):
-        import torch
 
-        t = value.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-        arr = t.numpy()
-    else:
-        arr = np.asarray(value)
-    name = arr.dtype.name
-    if _NP_BF16 is not None and arr.dtype == _NP_BF16:
-        return _c_order(arr).view(np.uint16), "bfloat16"
-    if name not in ALLOWED_DTYPES:
-        raise ValueError(f"unsupported dtype {arr.dtype}")
-    if arr.dtype.byteorder == ">":  # the wire is little-endian, as every machine we run on
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return _c_order(arr), name
+def kind_of(env: Envelope) -> str:
+    """The body's field name ("chunk_request", "stage_error", ...), "" for an empty envelope."""
+    return env.WhichOneof("body") or ""
 
+
+def body_of(env: Envelope) -> Any:
+    kind = kind_of(env)
+    if not kind:
+        raise ValueError("stage message has no body")
+    return getattr(env, kind)
+
+
+def error_envelope(message: str, field: str = "", like: Envelope | None = None) -> Envelope:
+    """A `StageError` reply addressed like the request it answers."""
+    return wrap(spb.StageError(message=message, field=field),
+                like.session_id if like is not None else "",
+                like.chunk_index if like is not None else -1, like.epoch if like is not None else 0)
+
+
+def encode(env: Envelope) -> bytes:
+    return env.SerializeToString()
+
+
+def decode(data: bytes | bytearray | memoryview) -> Envelope:
+    """Parses `encode`'s bytes; raises ValueError (never anything else) on bad input."""
+    env = Envelope()
+    try:
+        env.ParseFromString(bytes(data))
+    except Exception as exc:  # protobuf's DecodeError
+        raise ValueError(f"stage message malformed: {exc}") from None
+    if not kind_of(env):
+        raise ValueError("stage message has no body")
+    return env
+
+
+# -- tensors ------------------------------------------------------------------------------------
 
 def _c_order(arr: np.ndarray) -> np.ndarray:
     # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def encode_message(msg: StageMessage) -> bytes:
-    env = stages_pb2.StageEnvelope(kind=msg.kind, session_id=msg.session_id,
-                                   chunk_index=msg.chunk_index, epoch=msg.epoch)
-    env.meta.update({str(k): str(v) for k, v in msg.meta.items()})
-    blobs: list[bytes | memoryview] = []
-    offset = 0
-    for name, value in msg.tensors.items():
-        try:
-            arr, dtype = to_numpy(value)
-        except ValueError as exc:
-            raise ValueError(f"tensor {name!r}: {exc}") from None
-        env.tensors.add(name=name, dtype=dtype, shape=list(arr.shape), offset=offset,
-                        nbytes=arr.nbytes, session_id=msg.session_id, chunk_index=msg.chunk_index)
-        blobs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
-        offset += arr.nbytes
-    head = env.SerializeToString()
-    return b"".join([_LEN.pack(len(head)), head, *blobs])
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    return np.dtype(name).newbyteorder("<") if np.dtype(name).itemsize > 1 else np.dtype(name)
-
-
-def _to_array(raw: memoryview, dtype: str, shape: tuple[int, ...], as_torch: bool) -> Any:
-    if as_torch:
+def tensor(value: Any) -> spb.Tensor:
+    """A numpy array or torch tensor (any device) as a `Tensor`; bfloat16 stays bfloat16."""
+    if type(value).__module__.startswith("torch"):
         import torch
 
-        if dtype == "bfloat16":
-            flat = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16) if len(raw) else \
-                torch.empty(0, dtype=torch.bfloat16)
-            return flat.reshape(shape)
-        return torch.from_numpy(np.frombuffer(raw, dtype=_numpy_dtype(dtype)).copy()).reshape(shape)
-    if dtype == "bfloat16":
-        bits = np.frombuffer(raw, dtype="<u2")
+        t = value.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            raw = t.view(torch.int16).numpy()
+            return spb.Tensor(dtype=spb.DTYPE_BFLOAT16, shape=list(t.shape), data=raw.tobytes())
+        arr = t.numpy()
+    else:
+        arr = np.asarray(value)
+    if _NP_BF16 is not None and arr.dtype == _NP_BF16:
+        return spb.Tensor(dtype=spb.DTYPE_BFLOAT16, shape=list(arr.shape),
+                          data=_c_order(arr).view(np.uint16).tobytes())
+    code = _DTYPE_BY_NAME.get(arr.dtype.name)
+    if code is None:
+        raise ValueError(f"unsupported dtype {arr.dtype}")
+    arr = _c_order(arr.astype(_NP_BY_DTYPE[code], copy=False))  # little-endian on the wire
+    return spb.Tensor(dtype=code, shape=list(arr.shape), data=arr.tobytes())
+
+
+def _checked(t: spb.Tensor, name: str) -> tuple[tuple[int, ...], int]:
+    if t.dtype not in _ITEMSIZE:
+        raise ValueError(f"{name}: unsupported dtype {t.dtype}")
+    shape = tuple(int(d) for d in t.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{name}: negative dimension in {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * _ITEMSIZE[t.dtype] != len(t.data):
+        raise ValueError(f"{name}: {len(t.data)} bytes for shape {list(shape)} of "
+                         f"{spb.DType.Name(t.dtype)}")
+    return shape, count
+
+
+def to_numpy(t: spb.Tensor, name: str = "tensor") -> np.ndarray:
+    """A read-only array over the tensor's bytes; bfloat16 as `ml_dtypes.bfloat16` when present,
+    else widened exactly to float32. ValueError names `name` when dtype, shape and bytes disagree."""
+    shape, _ = _checked(t, name)
+    if t.dtype == spb.DTYPE_BFLOAT16:
+        bits = np.frombuffer(t.data, dtype="<u2")
         if _NP_BF16 is not None:
             return bits.view(_NP_BF16).reshape(shape)
-        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)  # exact widening
-    return np.frombuffer(raw, dtype=_numpy_dtype(dtype)).reshape(shape)
+        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return np.frombuffer(t.data, dtype=_NP_BY_DTYPE[t.dtype]).reshape(shape)
 
 
-def decode_message(data: bytes | bytearray | memoryview, *, as_torch: bool = False) -> StageMessage:
-    """Parses a message from `encode_message`; raises ValueError (never anything else) on bad input."""
-    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-    if len(buf) < _LEN.size:
-        raise ValueError("stage message too short")
-    (n,) = _LEN.unpack(buf[:_LEN.size])
-    if _LEN.size + n > len(buf):
-        raise ValueError("stage message envelope truncated")
-    env = stages_pb2.StageEnvelope()
-    try:
-        env.ParseFromString(bytes(buf[_LEN.size:_LEN.size + n]))
-    except Exception as exc:  # protobuf's DecodeError
-        raise ValueError(f"stage message envelope malformed: {exc}") from None
-    body = buf[_LEN.size + n:]
-    tensors: dict[str, Any] = {}
-    for th in env.tensors:
-        if th.dtype not in ALLOWED_DTYPES:
-            raise ValueError(f"tensor {th.name!r} has unsupported dtype {th.dtype}")
-        shape = tuple(int(d) for d in th.shape)
-        if any(d < 0 for d in shape):
-            raise ValueError(f"tensor {th.name!r} has a negative dimension in {list(shape)}")
-        itemsize = 2 if th.dtype == "bfloat16" else np.dtype(th.dtype).itemsize
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if count * itemsize != th.nbytes:
-            raise ValueError(f"tensor {th.name!r}: {th.nbytes} bytes for shape {list(shape)} "
-                             f"of {th.dtype}")
-        end = th.offset + th.nbytes
-        if end > len(body):
-            raise ValueError(f"tensor {th.name!r} truncated")
-        tensors[th.name] = _to_array(body[th.offset:end], th.dtype, shape, as_torch)
-    return StageMessage(kind=env.kind, session_id=env.session_id, chunk_index=env.chunk_index,
-                        epoch=env.epoch, meta=dict(env.meta), tensors=tensors)
+def to_torch(t: spb.Tensor, device: Any = "cpu", dtype: Any = None, name: str = "tensor") -> Any:
+    """The tensor as a torch tensor on `device`, converted to `dtype` when given (a no-op when it
+    already is: latents sent in the model's dtype arrive without a round trip through float32)."""
+    import torch
+
+    shape, count = _checked(t, name)
+    if t.dtype == spb.DTYPE_BFLOAT16:
+        out = (torch.frombuffer(bytearray(t.data), dtype=torch.bfloat16) if count else
+               torch.empty(0, dtype=torch.bfloat16)).reshape(shape)
+    else:
+        out = torch.from_numpy(to_numpy(t, name).copy())
+    return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device)
 
 
-# -- NATS-facing convenience: headers + payload ----------------------------------------------
+def is_set(t: spb.Tensor) -> bool:
+    """True when a Tensor field was filled (an unset message field reads as an empty default)."""
+    return t.dtype != spb.DTYPE_UNSPECIFIED
+
+
+# -- NATS headers -------------------------------------------------------------------------------
 
 H_CODEC = "ls-codec"
 H_KIND = "ls-kind"
@@ -166,33 +178,39 @@ H_CHUNK = "ls-chunk"
 H_EPOCH = "ls-epoch"
 
 
-def encode_tensors(tensors: Mapping[str, Any], meta: Mapping[str, object] | None = None, *,
-                   kind: str = "tensors", session_id: str = "", chunk_index: int = -1,
-                   epoch: int = 0) -> tuple[dict[str, str], bytes]:
-    """Tensors (numpy or torch) and string metadata -> (NATS headers, payload).
-
-    The headers repeat kind/session/chunk/epoch so routers, monitors and `nats sub` can see what
-    a message is without decoding it; the payload is self-contained (`decode_message` alone
-    recovers everything). Trace context is added by the bus at publish time.
-    """
-    msg = StageMessage(kind, session_id, chunk_index, epoch,
-                       {str(k): str(v) for k, v in (meta or {}).items()}, dict(tensors))
-    return message_headers(msg), encode_message(msg)
-
-
-def message_headers(msg: StageMessage) -> dict[str, str]:
-    headers = {H_CODEC: CODEC_VERSION, H_KIND: msg.kind, H_CHUNK: str(msg.chunk_index),
-               H_EPOCH: str(msg.epoch)}
-    if msg.session_id:
-        headers[H_SESSION] = msg.session_id
+def message_headers(env: Envelope) -> dict[str, str]:
+    """Headers repeating kind/session/chunk/epoch, so monitors and `nats sub` can tell what a
+    message is without decoding it (the body alone is self-contained)."""
+    headers = {H_CODEC: CODEC_VERSION, H_KIND: kind_of(env), H_CHUNK: str(env.chunk_index),
+               H_EPOCH: str(env.epoch)}
+    if env.session_id:
+        headers[H_SESSION] = env.session_id
     return headers
 
 
-def decode_tensors(headers: Mapping[str, str] | None, payload: bytes | memoryview, *,
-                   as_torch: bool = False) -> StageMessage:
-    """(headers, payload) from `encode_tensors` -> StageMessage; checks the codec version."""
+def check_codec(headers: Mapping[str, str] | None) -> None:
     version = (headers or {}).get(H_CODEC, CODEC_VERSION)
     if version != CODEC_VERSION:
         raise ValueError(f"unsupported stage message codec {version!r} (this build reads "
                          f"{CODEC_VERSION!r})")
-    return decode_message(payload, as_torch=as_torch)
+
+
+# -- length-framed bytes (inside Triton tensors, which pad batched rows) ------------------------
+
+_FRAME = 4
+
+
+def encode_framed(env: Envelope) -> bytes:
+    """`[4-byte big-endian length][envelope]`: readers ignore trailing padding."""
+    data = encode(env)
+    return len(data).to_bytes(_FRAME, "big") + data
+
+
+def decode_framed(data: bytes | bytearray | memoryview) -> Envelope:
+    buf = memoryview(data).cast("B")
+    if len(buf) < _FRAME:
+        raise ValueError("framed stage message too short")
+    n = int.from_bytes(buf[:_FRAME], "big")
+    if _FRAME + n > len(buf):
+        raise ValueError("framed stage message truncated")
+    return decode(buf[_FRAME:_FRAME + n])

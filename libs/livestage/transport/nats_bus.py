@@ -1,4 +1,4 @@
-"""`NatsBus`: publish / subscribe / request stage messages (tensors + metadata) over NATS.
+"""`NatsBus`: publish / subscribe / request typed stage messages (`StageEnvelope`) over NATS.
 
 Every message carries the W3C trace context of the sender's current span in its headers (see
 `livestage.observability.extract_context` on the receiving side), plus `ls-*` headers naming its
@@ -35,17 +35,12 @@ from nats.aio.subscription import Subscription
 from livestage.observability.logging import get_logger
 from livestage.observability.metrics import METRICS
 from livestage.observability.tracing import inject_headers
-from livestage.transport.codec import (
-    StageMessage,
-    decode_message,
-    encode_message,
-    message_headers,
-)
+from livestage.transport.codec import Envelope, check_codec, decode, encode, kind_of, message_headers
 from livestage.transport.subjects import Subjects
 
 __all__ = ["Handler", "NatsBus", "NoRespondersError"]
 
-Handler = Callable[[StageMessage, dict[str, str], str], Awaitable[None]]
+Handler = Callable[[Envelope, dict[str, str], str], Awaitable[None]]
 """`handler(message, headers, reply_subject)`; reply is "" when the sender expects none."""
 
 H_MSG, H_PART, H_PARTS = "ls-msg", "ls-part", "ls-parts"
@@ -115,7 +110,7 @@ class _Blob:
 
 
 class NatsBus:
-    """Async NATS client for stage messages; create with `await NatsBus.connect(url)`."""
+    """Async NATS client for typed stage messages; create with `await NatsBus.connect(url)`."""
 
     def __init__(self, nc: Client, *, max_payload: int | None = None, blob_ttl_s: float = 30.0,
                  part_timeout_s: float = 30.0, reassembly_max_bytes: int = 1 << 30):
@@ -165,7 +160,7 @@ class NatsBus:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def publish(self, subject: str, msg: StageMessage, reply: str = "",
+    async def publish(self, subject: str, msg: Envelope, reply: str = "",
                       headers: Mapping[str, str] | None = None, *, pull: bool | None = None,
                       fetches: int | None = 1) -> None:
         """Publishes one stage message, splitting it if it exceeds the server's max_payload.
@@ -174,18 +169,9 @@ class NatsBus:
         subjects. `fetches` is how many receivers may pull it (None: any number until
         `blob_ttl_s`), e.g. None for a non-queue subject with several listeners forced to pull.
         """
-        await self.publish_bytes(subject, encode_message(msg), reply,
+        await self.publish_bytes(subject, encode(msg), reply,
                                  {**message_headers(msg), **(headers or {})}, pull=pull,
                                  fetches=fetches)
-
-    async def publish_tensors(self, subject: str, tensors: Mapping[str, Any],
-                              meta: Mapping[str, object] | None = None, *, kind: str = "tensors",
-                              session_id: str = "", chunk_index: int = -1, epoch: int = 0,
-                              reply: str = "", headers: Mapping[str, str] | None = None) -> None:
-        """Publishes tensors (numpy or torch) with string metadata as one stage message."""
-        await self.publish(subject, StageMessage(kind, session_id, chunk_index, epoch,
-                                                 {str(k): str(v) for k, v in (meta or {}).items()},
-                                                 dict(tensors)), reply, headers)
 
     async def publish_bytes(self, subject: str, data: bytes, reply: str = "",
                             headers: Mapping[str, str] | None = None, *, pull: bool | None = None,
@@ -286,7 +272,7 @@ class NatsBus:
             raise ValueError(f"reassembled {len(data)} bytes, manifest said {size}")
         return data
 
-    def _receiver(self, handler: Handler, as_torch: bool) -> Callable[[Msg], Awaitable[None]]:
+    def _receiver(self, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
         """The raw-message callback behind `subscribe`: reassemble, decode, call the handler."""
         reassembler = _Reassembler(self.part_timeout_s, self.reassembly_max_bytes)
 
@@ -301,7 +287,8 @@ class NatsBus:
                     data = raw.data
                 if data is None:
                     return
-                message = decode_message(data, as_torch=as_torch)
+                check_codec(headers)
+                message = decode(data)
             except (ValueError, KeyError) as exc:
                 METRICS.errors.labels(kind="transport_decode").inc()
                 _log.warning("nats_message_dropped", subject=raw.subject, error=str(exc))
@@ -316,12 +303,12 @@ class NatsBus:
                 await handler(message, headers, raw.reply)
             except Exception:
                 METRICS.errors.labels(kind="transport_handler").inc()
-                _log.exception("nats_handler_failed", subject=raw.subject, kind=message.kind)
+                _log.exception("nats_handler_failed", subject=raw.subject, kind=kind_of(message))
 
         return on_msg
 
     async def subscribe(self, subject: str, handler: Handler, queue: str = "", *,
-                        as_torch: bool = False, pending_bytes_limit: int = 1 << 30) -> Subscription:
+                        pending_bytes_limit: int = 1 << 30) -> Subscription:
         """Calls `handler(message, headers, reply)` for every complete message, in arrival order.
 
         `queue` joins a queue group (each message goes to one member). Split messages are
@@ -331,27 +318,26 @@ class NatsBus:
         busy worker must queue them rather than have NATS drop them as a slow consumer.
         Returns the nats-py subscription (`await sub.unsubscribe()` to stop).
         """
-        return await self.nc.subscribe(subject, queue=queue, cb=self._receiver(handler, as_torch),
+        return await self.nc.subscribe(subject, queue=queue, cb=self._receiver(handler),
                                        pending_bytes_limit=pending_bytes_limit)
 
     # -- request / reply -------------------------------------------------------------------
 
-    async def request(self, subject: str, msg: StageMessage, timeout: float = 10.0, *,
-                      headers: Mapping[str, str] | None = None,
-                      as_torch: bool = False) -> StageMessage:
+    async def request(self, subject: str, msg: Envelope, timeout: float = 10.0, *,
+                      headers: Mapping[str, str] | None = None) -> Envelope:
         """Request/reply where either direction may be split into parts.
 
         Raises `NoRespondersError` at once when nobody subscribes to `subject`, and
         `asyncio.TimeoutError` when no (complete) reply arrives within `timeout`.
         """
         inbox = self.nc.new_inbox()
-        fut: asyncio.Future[StageMessage] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
 
-        async def on_reply(message: StageMessage, hdrs: dict[str, str], reply: str) -> None:
+        async def on_reply(message: Envelope, hdrs: dict[str, str], reply: str) -> None:
             if not fut.done():
                 fut.set_result(message)
 
-        receive = self._receiver(on_reply, as_torch)
+        receive = self._receiver(on_reply)
 
         async def on_raw(raw: Msg) -> None:
             # The server answers a request to a subject nobody listens on with an empty
@@ -372,16 +358,7 @@ class NatsBus:
             except Exception:  # connection closed meanwhile
                 pass
 
-    async def request_tensors(self, subject: str, tensors: Mapping[str, Any],
-                              meta: Mapping[str, object] | None = None, *, kind: str = "tensors",
-                              session_id: str = "", chunk_index: int = -1, epoch: int = 0,
-                              timeout: float = 10.0, as_torch: bool = False) -> StageMessage:
-        """`request` for tensors (numpy or torch) with string metadata."""
-        return await self.request(subject, StageMessage(
-            kind, session_id, chunk_index, epoch, {str(k): str(v) for k, v in (meta or {}).items()},
-            dict(tensors)), timeout, as_torch=as_torch)
-
-    async def respond(self, reply: str, msg: StageMessage) -> None:
+    async def respond(self, reply: str, msg: Envelope) -> None:
         """Answers a request (no-op when the sender expects no reply)."""
         if reply:
             await self.publish(reply, msg, pull=False)

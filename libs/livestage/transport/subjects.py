@@ -2,21 +2,20 @@
 
 Scheme (tokens are sanitised ids, see `safe_token`):
 
-| subject                                          | who listens                                  |
-|--------------------------------------------------|----------------------------------------------|
-| `ls.<stage>.work`                                | every worker of a stage, queue group <stage> |
-| `ls.<stage>.<worker_id>`                         | one worker: open/close/rollback, chunks      |
-| `ls.<stage>.<worker_id>.session.<session_id>`    | one worker, one session (sticky)             |
-| `ls.session.<session_id>.events`                 | session events (state, transcripts, timings) |
-| `ls.session.<session_id>.frames`                 | decoded frames + speak audio (publisher)     |
-| `ls.session.<session_id>.deliveries`             | finished chunks back to the session runtime  |
-| `ls.session.<session_id>.user_text`              | user text turns for the dialogue stage       |
-| `ls.session.<session_id>.user_audio`             | the user's voice (PCM) for the dialogue stage |
-| `ls.session.<session_id>.dialogue`               | transcripts, turn events, reply text         |
-| `ls.session.<session_id>.speak_audio`            | the character's speech (TTS, A2A, LiveKit agent) |
-| `ls.session.<session_id>.playback`               | the publisher's playback position            |
-| `ls.session.<session_id>.commands`               | requests to the session runtime (interrupt)  |
-| `ls.control.<session_id>`                        | control (interrupt, directive, end)          |
+| subject                                | who listens                                  |
+|----------------------------------------|----------------------------------------------|
+| `ls.<stage>.work`                      | every worker of a stage, queue group <stage>: references, attach, synthesize |
+| `ls.<stage>.<worker_id>`               | one worker: open/close/rollback, chunks, detach |
+| `ls.decoder.<worker_id>.play`          | one decoder: play chunk k now (not queued behind a decode) |
+| `ls.session.<session_id>.frames`       | the frames of each played chunk, once (publisher, viewers) |
+| `ls.session.<session_id>.deliveries`   | decoder -> session runtime: a chunk is decoded (no pixels) |
+| `ls.session.<session_id>.user_text`    | user text turns for the dialogue stage       |
+| `ls.session.<session_id>.user_audio`   | the user's voice (PCM) for the dialogue stage |
+| `ls.session.<session_id>.reports`      | workers -> session: transcripts, turns, reply text, errors |
+| `ls.session.<session_id>.speak_audio`  | the character's speech (TTS, A2A, LiveKit agent) |
+| `ls.session.<session_id>.playback`     | the publisher's playback position            |
+| `ls.session.<session_id>.commands`     | requests to the session (a LiveKit agent's interrupt) |
+| `ls.control.<session_id>`              | session -> its workers: interrupt, end       |
 
 `session` and `control` are therefore reserved as stage names, and `work` as a worker id, so no
 two rows can ever produce the same subject.
@@ -90,26 +89,20 @@ class Subjects:
         return f"{cls.PREFIX}.{_stage(stage)}.{_worker(worker_id)}"
 
     @classmethod
-    def worker_session(cls, stage: str, worker_id: str, session_id: str) -> str:
-        """Sticky subject of one session on one worker."""
-        return f"{cls.worker(stage, worker_id)}.session.{safe_token(session_id)}"
-
-    @classmethod
-    def worker_sessions(cls, stage: str, worker_id: str) -> str:
-        """Wildcard a worker subscribes to for all its per-session subjects."""
-        return f"{cls.worker(stage, worker_id)}.session.*"
-
-    @classmethod
-    def session_events(cls, session_id: str) -> str:
-        return f"{cls.PREFIX}.session.{safe_token(session_id)}.events"
+    def worker_play(cls, stage: str, worker_id: str) -> str:
+        """A decoder's playback subject: a subscription of its own, so "play chunk k" is never
+        queued behind the decode of chunk k+1."""
+        return f"{cls.worker(stage, worker_id)}.play"
 
     @classmethod
     def session_frames(cls, session_id: str) -> str:
+        """The frames and audio of each chunk as it starts playing, published once by the decoder
+        (publisher, playground, any viewer)."""
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.frames"
 
     @classmethod
     def session_deliveries(cls, session_id: str) -> str:
-        """Finished chunks (frames + timings) from the decoder back to the session runtime."""
+        """Decoded chunks (flags and timings, no pixels) from the decoder to the session runtime."""
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.deliveries"
 
     @classmethod
@@ -122,9 +115,10 @@ class Subjects:
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.user_audio"
 
     @classmethod
-    def session_dialogue(cls, session_id: str) -> str:
-        """Dialogue events (transcripts, turns, reply text) back to the session service."""
-        return f"{cls.PREFIX}.session.{safe_token(session_id)}.dialogue"
+    def session_reports(cls, session_id: str) -> str:
+        """What the session's workers report for its public event stream: the dialogue's
+        transcripts, turns and reply text, and any worker's errors."""
+        return f"{cls.PREFIX}.session.{safe_token(session_id)}.reports"
 
     @classmethod
     def session_speak_audio(cls, session_id: str) -> str:
@@ -138,14 +132,11 @@ class Subjects:
 
     @classmethod
     def session_commands(cls, session_id: str) -> str:
-        """Requests to the session runtime from other services (e.g. `lk.clear_buffer` -> interrupt)."""
+        """Requests to the session from its workers (a LiveKit agent's `lk.clear_buffer`)."""
         return f"{cls.PREFIX}.session.{safe_token(session_id)}.commands"
 
     @classmethod
     def control(cls, session_id: str) -> str:
-        """Control messages of one session (interrupt, directive, end), for every stage."""
+        """Control messages of one session (interrupt, end) for every worker attached to it."""
         return f"{cls.PREFIX}.control.{safe_token(session_id)}"
 
-    @classmethod
-    def all_control(cls) -> str:
-        return f"{cls.PREFIX}.control.*"

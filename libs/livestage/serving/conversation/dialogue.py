@@ -9,10 +9,15 @@ Backends (`LIVESTAGE_DIALOGUE_BACKEND`):
 - `a2a`: an external audio-to-audio system does everything; this service only forwards the
   user's audio to it and its speech back to the session.
 
-What goes out on `session.dialogue`: `transcript` (partial and final, speaker user/character),
-`turn` (user_started, user_ended, reply_started, reply_finished) and `reply_text` deltas; speech
-goes to `session.speak_audio` (through `tts`, or from the A2A system). A new user utterance, an
-interrupt (`control`) or the session's end cancels the reply being written or spoken.
+What goes out on `session.reports` (typed bodies of the session API): `Transcript` (partial and
+final, speaker user/character), `TurnEvent` (user started/ended, reply started/finished),
+`ReplyText` deltas and `worker_error` (`ErrorEvent`); speech goes to `session.speak_audio` as
+`SpeakAudio` (through `tts`, or from the A2A system). A new user utterance, an interrupt
+(`control`) or the session's end cancels the reply being written or spoken.
+
+Every task of a session (listening, partial and final recognition, the reply and its speech, the
+A2A relay) runs in the session's `SessionTasks`: a reply cancelled on purpose is normal, anything
+else that dies takes the session down with a `dialogue_failed` report instead of going quiet.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from pydantic import Field
 
 from livestage.config import Settings
 from livestage.media.audio import resample_audio
-from livestage.serving.attached_worker import AttachError, SessionAttachedWorker, run_attached_service
-from livestage.serving.process import ServiceProcess
-from livestage.transport import NoRespondersError, StageMessage, Subjects
+from livestage.protos import session_pb2 as pb
+from livestage.protos import stages_pb2 as spb
+from livestage.serving.conversation.attached import AttachError, SessionAttachedWorker
+from livestage.serving.process import ServiceProcess, SessionTasks, run_service
+from livestage.transport import Envelope, Subjects, kind_of, tensor, to_numpy, wrap
 
 MAX_PERSONA_CHARS = 4000
 MAX_USER_TEXT_CHARS = 4000
@@ -91,61 +98,85 @@ class DialogueModels:
 
 @dataclass
 class DialogueSession:
+    """One attached session: its audio queue, turn detector, conversation history and reply."""
+
     session_id: str
     persona: str
     voice: str
     sample_rate: int
     worker: "DialogueWorker"
+    tasks: SessionTasks
     history: list[Any] = field(default_factory=list)
     reply_id: int = 0
     reply_task: asyncio.Task | None = None
     audio_queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    listen_task: asyncio.Task | None = None
     subs: list[Any] = field(default_factory=list)
     turns: Any = None
     a2a: Any = None
-    a2a_task: asyncio.Task | None = None
     in_speech: bool = False
     utterance: list = field(default_factory=list)
     utterance_samples: int = 0
     partial_due: int = 0
     partial_task: asyncio.Task | None = None
-    final_task: asyncio.Task | None = None
     backlog_samples: int = 0
     dropped_samples: int = 0
+    closing: bool = False
 
-    # -- outputs -----------------------------------------------------------------------------
-    async def send(self, kind: str, **meta: object) -> None:
-        await self.worker.bus.publish(Subjects.session_dialogue(self.session_id), StageMessage(
-            kind, self.session_id, meta={k: str(v) for k, v in meta.items()}))
+    # -- outputs (the session's reports subject) ---------------------------------------------
+    async def report(self, body: Any) -> None:
+        await self.worker.bus.publish(Subjects.session_reports(self.session_id), wrap(body, self.session_id))
+
+    async def turn(self, kind: int, reply: int, detail: str = "") -> None:
+        await self.report(pb.TurnEvent(kind=kind, reply=reply, detail=detail))
+
+    async def transcript(self, text: str, final: bool, speaker: str) -> None:
+        await self.report(pb.Transcript(text=text, final=final, speaker=speaker))
+
+    async def error(self, code: str, message: str, field: str = "") -> None:
+        await self.report(pb.ErrorEvent(code=code, message=message, field=field))
 
     # -- user input --------------------------------------------------------------------------
-    async def on_user_audio(self, msg: StageMessage, headers: dict, reply: str) -> None:
-        audio = msg.tensors.get("audio")
-        rate = int(msg.meta.get("sample_rate", "0") or 0)
-        if audio is None or audio.ndim != 1 or rate != self.sample_rate:
-            await self.send("error", code="user_audio", field="sample_rate",
-                            message=f"user audio must be mono at {self.sample_rate} Hz, got {rate} Hz")
+    async def on_user_audio(self, env: Envelope, headers: dict[str, str], reply: str) -> None:
+        if kind_of(env) != "user_audio":
+            await self.error("user_audio", f"body: expected user_audio, got {kind_of(env)!r}", "body")
+            return
+        body = env.user_audio
+        if body.sample_rate != self.sample_rate:
+            await self.error("user_audio", f"user audio must be mono at {self.sample_rate} Hz, got "
+                                           f"{body.sample_rate} Hz", "sample_rate")
+            return
+        try:
+            audio = to_numpy(body.audio, "audio")
+        except ValueError as exc:
+            await self.error("user_audio", str(exc), "audio")
+            return
+        if audio.ndim != 1 or audio.dtype != np.float32:
+            await self.error("user_audio", f"audio: user audio must be mono float32 samples, got "
+                                           f"{audio.dtype} {list(audio.shape)}", "audio")
             return
         if self.backlog_samples > MAX_BACKLOG_S * self.sample_rate:
             # A microphone delivers in real time; audio arriving much faster than the dialogue can
             # listen (a file pushed at once, 30 min in a burst) is dropped, not queued forever.
             if not self.dropped_samples:
-                await self.send("error", code="user_audio_backlog", field="pcm16",
-                                message=f"user audio arrives faster than real time: more than "
-                                        f"{MAX_BACKLOG_S:.0f} s queued, the excess is not listened to")
+                await self.error("user_audio_backlog", f"user audio arrives faster than real time: more "
+                                                       f"than {MAX_BACKLOG_S:.0f} s queued, the excess is "
+                                                       f"not listened to", "pcm16")
             self.dropped_samples += int(audio.size)
             return
         self.backlog_samples += int(audio.size)
-        self.audio_queue.put_nowait(np.nan_to_num(np.asarray(audio, np.float32)))
+        self.audio_queue.put_nowait(np.nan_to_num(audio))  # a writable copy
 
-    async def on_user_text(self, msg: StageMessage, headers: dict, reply: str) -> None:
-        text = msg.meta.get("text", "").strip()[:MAX_USER_TEXT_CHARS]
+    async def on_user_text(self, env: Envelope, headers: dict[str, str], reply: str) -> None:
+        if kind_of(env) != "user_text":
+            await self.error("user_text", f"body: expected user_text, got {kind_of(env)!r}", "body")
+            return
+        text = env.user_text.text.strip()[:MAX_USER_TEXT_CHARS]
         if text:
             self.start_reply(text)
 
     async def listen(self) -> None:
         """One task per session: VAD, partial and final transcripts, in arrival order."""
+        every = int(self.worker.settings.partial_every_s * self.sample_rate)
         while True:
             samples = await self.audio_queue.get()
             self.backlog_samples -= samples.size
@@ -156,38 +187,39 @@ class DialogueSession:
                 if event.kind == "speech_started":
                     self.in_speech = True
                     self.utterance, self.utterance_samples = [], 0
-                    self.partial_due = int(self.worker.settings.partial_every_s * self.sample_rate)
+                    self.partial_due = every
                     self.cancel_reply("user_started")
-                    await self.send("turn", event="user_started", reply=self.reply_id)
+                    await self.turn(pb.TURN_KIND_USER_STARTED, self.reply_id)
                 elif event.kind == "speech_ended":
                     self.in_speech = False
-                    await self.send("turn", event="user_ended", reply=self.reply_id,
-                                    detail="truncated" if getattr(event, "truncated", False) else "")
+                    await self.turn(pb.TURN_KIND_USER_ENDED, self.reply_id,
+                                    "truncated" if getattr(event, "truncated", False) else "")
                     # recognised off the listening path, so a barge-in right after is still heard
-                    self.final_task = asyncio.create_task(self.finish_utterance(event.speech))
+                    self.tasks.spawn(self.finish_utterance(event.speech), "final")
             if self.in_speech:
                 self.utterance.append(samples)
                 self.utterance_samples += samples.size
-                if (self.utterance_samples >= self.partial_due and self.utterance_samples <= MAX_PARTIAL_S * self.sample_rate
+                if (self.partial_due <= self.utterance_samples <= MAX_PARTIAL_S * self.sample_rate
                         and (self.partial_task is None or self.partial_task.done())):
-                    self.partial_due = self.utterance_samples + int(self.worker.settings.partial_every_s * self.sample_rate)
-                    self.partial_task = asyncio.create_task(self.partial(np.concatenate(self.utterance)))
+                    self.partial_due = self.utterance_samples + every
+                    self.partial_task = self.tasks.spawn(self.partial(np.concatenate(self.utterance)),
+                                                         "partial")
 
     async def partial(self, audio: np.ndarray) -> None:
         """A partial transcript of the utterance so far; never delays end-of-turn detection (it
         runs beside the listening loop, at most one at a time)."""
         text = (await asyncio.to_thread(self.worker.models.recognizer.transcribe, audio, self.sample_rate)).text.strip()
         if text and self.in_speech:
-            await self.send("transcript", text=text, final=0, speaker="user")
+            await self.transcript(text, False, "user")
 
     async def finish_utterance(self, speech: np.ndarray | None) -> None:
         if speech is None or speech.size == 0:
             return
         text = (await asyncio.to_thread(self.worker.models.recognizer.transcribe, speech, self.sample_rate)).text.strip()
         if not text:
-            await self.send("turn", event="user_ended", reply=self.reply_id, detail="no words recognised")
+            await self.turn(pb.TURN_KIND_USER_ENDED, self.reply_id, "no words recognised")
             return
-        await self.send("transcript", text=text, final=1, speaker="user")
+        await self.transcript(text, True, "user")
         self.start_reply(text)
 
     # -- replies -----------------------------------------------------------------------------
@@ -200,17 +232,22 @@ class DialogueSession:
     def start_reply(self, user_text: str) -> None:
         from livestage.speech import ChatTurn
 
+        if not self.tasks.running:  # the session failed and is being detached
+            return
         self.cancel_reply("new user turn")
         self.history.append(ChatTurn("user", user_text))
         self.history = self.history[-2 * self.worker.settings.history_turns:]
         self.reply_id += 1
-        self.reply_task = asyncio.create_task(self.reply(self.reply_id))
+        self.reply_task = self.tasks.spawn(self.reply(self.reply_id), f"reply-{self.reply_id}")
 
     async def reply(self, reply_id: int) -> None:
+        """Streams the reply text and hands its sentences to `speak` as they complete. A failing
+        language model is reported as `reply_failed` and the session goes on (the next turn may
+        work); speech that fails beyond a timeout is the session's failure."""
         from livestage.speech import ChatTurn, SentenceSplitter
 
         sentences: asyncio.Queue = asyncio.Queue()
-        speaker = asyncio.create_task(self.speak(reply_id, sentences))
+        speaker = self.tasks.spawn(self.speak(reply_id, sentences), f"speak-{reply_id}")
         splitter = SentenceSplitter()
         parts: list[str] = []
         try:
@@ -220,28 +257,33 @@ class DialogueSession:
                     continue
                 if not started:
                     started = True
-                    await self.send("turn", event="reply_started", reply=reply_id)
+                    await self.turn(pb.TURN_KIND_REPLY_STARTED, reply_id)
                 parts.append(delta)
-                await self.send("reply_text", reply=reply_id, delta=delta, done=0)
+                await self.report(pb.ReplyText(reply=reply_id, delta=delta, done=False))
                 for sentence in splitter.push(delta):
                     sentences.put_nowait(sentence)
             for sentence in splitter.flush():
                 sentences.put_nowait(sentence)
             sentences.put_nowait(None)
             text = "".join(parts).strip()
-            await self.send("reply_text", reply=reply_id, delta="", done=1)
+            await self.report(pb.ReplyText(reply=reply_id, delta="", done=True))
             if text:
-                await self.send("transcript", text=text, final=1, speaker="character", reply=reply_id)
+                await self.transcript(text, True, "character")
                 self.history.append(ChatTurn("assistant", text))
-            await speaker
-            await self.send("turn", event="reply_finished", reply=reply_id)
         except asyncio.CancelledError:
             speaker.cancel()
             raise
         except Exception as exc:
             speaker.cancel()
             self.worker.log.exception("reply_failed", session_id=self.session_id)
-            await self.send("error", code="reply_failed", message=str(exc)[:500])
+            await self.error("reply_failed", str(exc)[:500])
+            return
+        try:
+            await speaker
+        except asyncio.CancelledError:
+            speaker.cancel()
+            raise
+        await self.turn(pb.TURN_KIND_REPLY_FINISHED, reply_id)
 
     async def speak(self, reply_id: int, sentences: asyncio.Queue) -> None:
         """Sentences to the `tts` service in order; it publishes the audio to the session."""
@@ -251,48 +293,48 @@ class DialogueSession:
             if sentence is None:
                 return
             seq += 1
+            request = wrap(spb.Synthesize(text=sentence, voice=self.voice, reply=reply_id, seq=seq,
+                                          sample_rate=self.sample_rate), self.session_id)
             try:
-                answer = await self.worker.bus.request(
-                    Subjects.stage_work("tts"), StageMessage("synthesize", self.session_id, meta={
-                        "text": sentence, "voice": self.voice, "reply": str(reply_id), "seq": str(seq),
-                        "sample_rate": str(self.sample_rate)}),
-                    timeout=self.worker.settings.tts_timeout_s)
-            except (NoRespondersError, TimeoutError) as exc:
-                await self.send("error", code="tts_unavailable", message=f"no speech for the reply: {exc!r}")
+                answer = await self.worker.bus.request(Subjects.stage_work("tts"), request,
+                                                       timeout=self.worker.settings.tts_timeout_s)
+            except TimeoutError as exc:  # NoRespondersError included
+                await self.error("tts_unavailable", f"no speech for the reply: {exc!r}")
                 return
-            if answer.kind == "error":
-                await self.send("error", code="tts", field=answer.meta.get("field", ""),
-                                message=answer.meta.get("error", ""))
+            if kind_of(answer) == "stage_error":
+                await self.error("tts", answer.stage_error.message, answer.stage_error.field)
+            elif kind_of(answer) != "synthesized":
+                await self.error("tts", f"body: the tts service answered {kind_of(answer)!r}", "body")
 
     # -- external audio-to-audio -------------------------------------------------------------
     async def relay_a2a(self) -> None:
-        """Speech and text of the external system back to the session, one reply per `end`."""
-        reply_id = self.reply_id + 1
+        """Speech and text of the external system back to the session, one reply per `end`.
+        The system hanging up is the session's failure (nothing would answer any more)."""
+        reply_id, seq = self.reply_id + 1, 0
         async for event in self.a2a.events():
             if event.kind == "audio" and event.audio is not None and event.audio.size:
                 if reply_id > self.reply_id:
                     self.reply_id = reply_id
-                    await self.send("turn", event="reply_started", reply=reply_id)
-                audio = resample_audio(event.audio, event.sample_rate, self.sample_rate)
-                await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), StageMessage(
-                    "speak_audio", self.session_id, meta={"reply": str(reply_id),
-                                                          "sample_rate": str(self.sample_rate)},
-                    tensors={"audio": audio}))
+                    await self.turn(pb.TURN_KIND_REPLY_STARTED, reply_id)
+                seq += 1
+                audio = resample_audio(np.asarray(event.audio, np.float32), event.sample_rate, self.sample_rate)
+                await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), wrap(
+                    spb.SpeakAudio(reply=reply_id, seq=seq, sample_rate=self.sample_rate,
+                                   audio=tensor(np.asarray(audio, np.float32))), self.session_id))
             elif event.kind == "transcript":
-                await self.send("transcript", text=event.text, final=1, speaker="user")
+                await self.transcript(event.text, True, "user")
             elif event.kind == "reply_text":
-                await self.send("reply_text", reply=reply_id, delta=event.text, done=0)
+                await self.report(pb.ReplyText(reply=reply_id, delta=event.text, done=False))
             elif event.kind == "end":
-                await self.send("turn", event="reply_finished", reply=reply_id)
-                reply_id = self.reply_id + 1
+                await self.turn(pb.TURN_KIND_REPLY_FINISHED, reply_id)
+                reply_id, seq = self.reply_id + 1, 0
+        if not self.closing:
+            raise ConnectionError("the audio-to-audio system closed the connection")
 
     async def close(self) -> None:
+        self.closing = True
         self.cancel_reply("session closed")
-        for task in (self.listen_task, self.a2a_task, self.reply_task, self.partial_task, self.final_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await self.tasks.close()
         for sub in self.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -303,43 +345,47 @@ class DialogueSession:
 
 class DialogueWorker(SessionAttachedWorker[DialogueSession]):
     stage = "dialogue"
+    attach_kind = "dialogue"
 
     def __init__(self, proc: ServiceProcess, models: DialogueModels):
         super().__init__(proc)
         self.models = models
         self.settings: DialogueSettings = proc.settings  # type: ignore[assignment]
 
-    async def open_session(self, msg: StageMessage) -> tuple[DialogueSession, dict[str, str]]:
+    async def open_session(self, session_id: str, body: spb.DialogueAttach,
+                           tasks: SessionTasks) -> tuple[DialogueSession, spb.SessionAttached]:
         from livestage.speech import AudioToAudioClient, TurnDetector, VoiceActivityDetector
 
-        persona = msg.meta.get("persona", "")
-        if len(persona) > MAX_PERSONA_CHARS:
-            raise AttachError(f"character.persona: longer than {MAX_PERSONA_CHARS} characters")
-        rate = int(msg.meta.get("sample_rate", "") or self.settings.sample_rate)
+        if len(body.persona) > MAX_PERSONA_CHARS:
+            raise AttachError("character.persona", f"longer than {MAX_PERSONA_CHARS} characters")
+        rate = body.sample_rate or self.settings.sample_rate
         if rate != 16000:
-            raise AttachError(f"sample_rate: the dialogue listens at 16000 Hz, not {rate}")
-        s = DialogueSession(msg.session_id, persona, msg.meta.get("voice", ""), rate, self)
-        if self.settings.dialogue_backend == "a2a":
-            s.a2a = AudioToAudioClient(self.settings.a2a_url)
-            await s.a2a.connect()
-            s.a2a_task = asyncio.create_task(s.relay_a2a())
-        else:
-            s.turns = TurnDetector(VoiceActivityDetector(), end_silence_ms=self.settings.vad_end_silence_ms,
-                                   max_utterance_s=self.settings.max_utterance_s)
-        s.subs = [await self.bus.subscribe(Subjects.session_user_audio(s.session_id), s.on_user_audio),
-                  await self.bus.subscribe(Subjects.session_user_text(s.session_id), s.on_user_text)]
-        s.listen_task = asyncio.create_task(s.listen())
-        return s, {"backend": self.settings.dialogue_backend}
+            raise AttachError("sample_rate", f"the dialogue listens at 16000 Hz, not {rate}")
+        s = DialogueSession(session_id, body.persona, body.voice, rate, self, tasks)
+        try:
+            if self.settings.dialogue_backend == "a2a":
+                s.a2a = AudioToAudioClient(self.settings.a2a_url)
+                await s.a2a.connect()
+                tasks.spawn(s.relay_a2a(), "a2a")
+            else:
+                s.turns = TurnDetector(VoiceActivityDetector(), end_silence_ms=self.settings.vad_end_silence_ms,
+                                       max_utterance_s=self.settings.max_utterance_s)
+            s.subs = [await self.bus.subscribe(Subjects.session_user_audio(session_id), s.on_user_audio),
+                      await self.bus.subscribe(Subjects.session_user_text(session_id), s.on_user_text)]
+            tasks.spawn(s.listen(), "listen")
+        except BaseException:
+            await s.close()  # an A2A connection or subscription made so far is let go
+            raise
+        return s, spb.SessionAttached(backend=self.settings.dialogue_backend)
 
-    async def close_session(self, session: DialogueSession, msg: StageMessage) -> dict[str, str]:
+    async def close_session(self, session: DialogueSession, last_chunk: int) -> spb.SessionDetached:
         await session.close()
-        return {"replies": str(session.reply_id)}
+        return spb.SessionDetached(replies=session.reply_id)
 
-    async def on_control(self, session: DialogueSession, msg: StageMessage) -> None:
-        if msg.meta.get("action") == "interrupt":
-            if int(msg.meta.get("reply", "0") or 0) >= session.reply_id:
-                session.cancel_reply(msg.meta.get("reason", "interrupt"))
+    async def on_interrupt(self, session: DialogueSession, env: Envelope, interrupt: spb.Interrupt) -> None:
+        if interrupt.reply >= session.reply_id:
+            session.cancel_reply(interrupt.reason or "interrupt")
 
 
 def run_dialogue_service() -> None:
-    run_attached_service("dialogue", DialogueSettings, DialogueWorker, DialogueModels.load)
+    run_service("dialogue", DialogueSettings, DialogueWorker, load=DialogueModels.load)

@@ -2,14 +2,15 @@
 
     livestage triton-repo --preset tiny --out model_repository [--weights DIR] [--device auto|cpu|gpu]
 
-One python-backend model per stage. `model.py` imports `livestage.serving.engines` (so the image
+One python-backend model per stage. `model.py` imports `livestage.serving.stages.engines` (so the image
 needs LiveStage installed, or `--sys-path` pointing at it) and serves that stage's engine:
 
-- `encoder`: stateless, dynamic batching (requests of several sessions share one execute call).
-- `generator`, `refiner`, `decoder`: sequence batcher; the correlation id (the session) keys the
-  per-session caches held by the model instance, `max_sequence_idle_microseconds` is longer than a
-  user's longest pause, and the engine frees sessions idle past `idle_timeout_s` on its own, since
-  Triton does not tell a python model that a sequence expired.
+- every stage keeps per-session state (the encoder its copy of the audio streams, the DiT stages
+  their KV caches, the decoder its conv cache), so every stage uses the sequence batcher: the
+  correlation id (the session) keys the state held by the model instance,
+  `max_sequence_idle_microseconds` is longer than a user's longest pause, and the engine frees
+  sessions idle past `idle_timeout_s` on its own, since Triton does not tell a python model that a
+  sequence expired. Requests of several sessions share one execute call.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ class TritonPythonModel:
         import torch
 
         from livestage.models.bundle import build_models
-        from livestage.serving.engines import make_engine
-        from livestage.transport.codec import decode_message, encode_message
+        from livestage.serving.stages.engines import make_engine
+        from livestage.transport.codec import decode_framed, encode_framed
 
-        self._decode, self._encode = decode_message, encode_message
+        self._decode, self._encode = decode_framed, encode_framed
         threads = int(params.get("torch_threads", "0"))
         if threads:
             torch.set_num_threads(threads)
@@ -57,9 +58,8 @@ class TritonPythonModel:
         self.stage = params["stage"]
         self.engine = make_engine(self.stage, models, float(params.get("idle_timeout_s", "600")))
         self._stop = threading.Event()
-        if hasattr(self.engine, "evict_idle"):
-            self._reaper = threading.Thread(target=self._reap, daemon=True)
-            self._reaper.start()
+        self._reaper = threading.Thread(target=self._reap, daemon=True)
+        self._reaper.start()
 
     def _reap(self):
         while not self._stop.wait(0.5):
@@ -93,25 +93,22 @@ class TritonPythonModel:
 
 
 def config_pbtxt(stage: str, params: dict[str, str], device: str, idle_timeout_s: float,
-                 max_batch: int = 8, max_sessions: int = 16) -> str:
+                 max_sessions: int = 16) -> str:
     # KIND_AUTO: on GPUs when the node has them, else on CPU (the fallback); gpu/cpu pin it.
     kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}[device]
     params_txt = ",\n".join(
         f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in sorted(params.items()))
-    if stage == "encoder":
-        batching = (f"max_batch_size: {max_batch}\n"
-                    "dynamic_batching { max_queue_delay_microseconds: 2000 }\n")
-    else:
-        # One slot per live session on the instance (the `oldest` strategy keeps each sequence's
-        # requests in order and runs ready ones at once); the slot outlives our own idle timeout.
-        idle_us = int(idle_timeout_s * 1e6) + 60_000_000
-        batching = (f"max_batch_size: {max_sessions}\n"
-                    "sequence_batching {\n"
-                    f"  max_sequence_idle_microseconds: {idle_us}\n"
-                    f"  oldest {{ max_candidate_sequences: {max_sessions} max_queue_delay_microseconds: 0 }}\n"
-                    "  control_input [ { name: \"CORRID\" control [ { kind: CONTROL_SEQUENCE_CORRID "
-                    "data_type: TYPE_UINT64 } ] } ]\n"
-                    "}\n")
+    # Every stage holds per-session state: one slot per live session on the instance (the
+    # `oldest` strategy keeps each sequence's requests in order and runs ready ones at once); the
+    # slot outlives our own idle timeout.
+    idle_us = int(idle_timeout_s * 1e6) + 60_000_000
+    batching = (f"max_batch_size: {max_sessions}\n"
+                "sequence_batching {\n"
+                f"  max_sequence_idle_microseconds: {idle_us}\n"
+                f"  oldest {{ max_candidate_sequences: {max_sessions} max_queue_delay_microseconds: 0 }}\n"
+                "  control_input [ { name: \"CORRID\" control [ { kind: CONTROL_SEQUENCE_CORRID "
+                "data_type: TYPE_UINT64 } ] } ]\n"
+                "}\n")
     return (f'name: "{stage}"\nbackend: "python"\n{batching}'
             'input [ { name: "REQUEST" data_type: TYPE_UINT8 dims: [ -1 ] } ]\n'
             'output [ { name: "RESPONSE" data_type: TYPE_UINT8 dims: [ -1 ] } ]\n'

@@ -1,0 +1,1 @@
+"""Workers attached to a whole session: dialogue (listen, decide, answer), TTS, publisher."""

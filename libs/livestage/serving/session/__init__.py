@@ -1,0 +1,1 @@
+"""The public session API: gRPC servicer, per-session control, distributed chunk pipeline."""

@@ -1,0 +1,1 @@
+"""The Triton model repository generated from the stage engines (`python` backend)."""
