@@ -5,7 +5,9 @@
 For each preset it runs the same session twice: in-process (every stage in this process, the
 model-core runtime) and distributed (nats-server, redis-server and one process per service on
 loopback, chunks pipelined across processes). It prints per-stage latency (median, p95), the
-end-to-end chunk latency, time to first chunk, throughput, and the distributed/in-process ratios.
+end-to-end chunk latency, time to first chunk, throughput, the distributed/in-process ratios, and
+the bytes and messages the NATS server received per chunk (its /varz monitor): what the services
+put on the wire.
 Sessions run unpaced (as fast as possible) so the numbers are compute + transport, not the clock.
 """
 
@@ -29,6 +31,15 @@ from livestage.protos import session_pb2_grpc
 from livestage.runtime.pipeline import InProcessChunkPipeline
 from livestage.runtime.session_runtime import SessionRuntime
 from livestage.transport import NatsBus, Subjects
+
+
+def nats_traffic(stack: LocalStack) -> dict[str, int]:
+    """Bytes and messages the NATS server has received and sent so far (its /varz monitor)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.nats.extra['monitor_port']}/varz", timeout=5) as r:
+        v = json.loads(r.read())
+    return {k: int(v[k]) for k in ("in_bytes", "out_bytes", "in_msgs", "out_msgs")}
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -98,6 +109,7 @@ async def run_distributed(stack: LocalStack, preset_name: str, chunks: int) -> d
     collector = asyncio.create_task(collect())
     await asyncio.sleep(0.1)
     start = time.perf_counter()
+    traffic_before = nats_traffic(stack)
     await client.StartSession(pb.SessionRef(session_id=sid))
     speech = sample_speech(chunks + 4, preset.chunk.sample_rate, 1)
     pcm = (speech * 32767).astype("<i2").tobytes()
@@ -109,6 +121,7 @@ async def run_distributed(stack: LocalStack, preset_name: str, chunks: int) -> d
     await client.PushSpeakAudio(audio())
     await asyncio.wait_for(done.wait(), 600)
     wall = arrivals[-1] - start
+    traffic = {k: v - traffic_before[k] for k, v in nats_traffic(stack).items()}
     await client.EndSession(pb.SessionRef(session_id=sid))
     await asyncio.wait_for(collector, 30)
     await bus.close()
@@ -117,6 +130,8 @@ async def run_distributed(stack: LocalStack, preset_name: str, chunks: int) -> d
             "end_to_end_ms": stats(timings.get("end_to_end", [])[1:]),
             "time_to_first_chunk_s": round(arrivals[0] - start, 3),
             "create_session_s": round(start - t0, 3),
+            "nats_bytes_in_per_chunk": round(traffic["in_bytes"] / len(arrivals)),
+            "nats_msgs_in_per_chunk": round(traffic["in_msgs"] / len(arrivals), 1),
             "chunks_per_s": round(len(arrivals) / wall, 3)}
 
 
@@ -148,6 +163,8 @@ def main() -> None:
         print(f"{'chunk e2e ms (p95)':<22}{inproc['end_to_end_ms']['p95']:>14.1f}{dist['end_to_end_ms']['p95']:>14.1f}")
         print(f"{'first chunk s':<22}{inproc['time_to_first_chunk_s']:>14.3f}{dist['time_to_first_chunk_s']:>14.3f}")
         print(f"{'chunks/s':<22}{inproc['chunks_per_s']:>14.3f}{dist['chunks_per_s']:>14.3f}")
+        print(f"NATS per chunk (distributed): {dist['nats_bytes_in_per_chunk']} bytes in, "
+              f"{dist['nats_msgs_in_per_chunk']} messages in")
         print(f"distributed/in-process: e2e latency x{ratio:.2f}, throughput x{results[name]['throughput_ratio']:.2f}")
         del stages
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from livestage.protos import session_pb2 as pb
 from livestage.protos import stages_pb2 as spb
 from livestage.serving.conversation.attached import AttachError, SessionAttachedWorker
 from livestage.serving.process import ServiceProcess, SessionTasks, run_service
-from livestage.transport import Envelope, Subjects, kind_of, tensor, to_numpy, wrap
+from livestage.transport import Envelope, build, Subjects, kind_of, tensor, to_numpy, wrap
 
 MAX_PERSONA_CHARS = 4000
 MAX_USER_TEXT_CHARS = 4000
@@ -293,7 +293,7 @@ class DialogueSession:
             if sentence is None:
                 return
             seq += 1
-            request = wrap(spb.Synthesize(text=sentence, voice=self.voice, reply=reply_id, seq=seq,
+            request = wrap(build(spb.Synthesize, text=sentence, voice=self.voice, reply=reply_id, seq=seq,
                                           sample_rate=self.sample_rate), self.session_id)
             try:
                 answer = await self.worker.bus.request(Subjects.stage_work("tts"), request,
@@ -319,7 +319,7 @@ class DialogueSession:
                 seq += 1
                 audio = resample_audio(np.asarray(event.audio, np.float32), event.sample_rate, self.sample_rate)
                 await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), wrap(
-                    spb.SpeakAudio(reply=reply_id, seq=seq, sample_rate=self.sample_rate,
+                    build(spb.SpeakAudio, reply=reply_id, seq=seq, sample_rate=self.sample_rate,
                                    audio=tensor(np.asarray(audio, np.float32))), self.session_id))
             elif event.kind == "transcript":
                 await self.transcript(event.text, True, "user")
@@ -376,11 +376,11 @@ class DialogueWorker(SessionAttachedWorker[DialogueSession]):
         except BaseException:
             await s.close()  # an A2A connection or subscription made so far is let go
             raise
-        return s, spb.SessionAttached(backend=self.settings.dialogue_backend)
+        return s, build(spb.SessionAttached, backend=self.settings.dialogue_backend)
 
     async def close_session(self, session: DialogueSession, last_chunk: int) -> spb.SessionDetached:
         await session.close()
-        return spb.SessionDetached(replies=session.reply_id)
+        return build(spb.SessionDetached, replies=session.reply_id)
 
     async def on_interrupt(self, session: DialogueSession, env: Envelope, interrupt: spb.Interrupt) -> None:
         if interrupt.reply >= session.reply_id:

@@ -21,7 +21,7 @@ from livestage.media.audio import resample_audio
 from livestage.observability import METRICS, bind_session
 from livestage.protos import stages_pb2 as spb
 from livestage.serving.process import ServiceProcess, run_service
-from livestage.transport import Envelope, Subjects, error_envelope, kind_of, tensor, wrap
+from livestage.transport import Envelope, build, Subjects, error_envelope, kind_of, tensor, wrap
 
 MIN_RATE, MAX_RATE = 8000, 48000
 
@@ -110,12 +110,12 @@ class TTSWorker:
             seconds = audio.size / rate
             METRICS.stage_latency.labels(stage="tts").observe(elapsed)
             if audio.size:
-                await self.proc.bus.publish(Subjects.session_speak_audio(sid), wrap(spb.SpeakAudio(
+                await self.proc.bus.publish(Subjects.session_speak_audio(sid), wrap(build(spb.SpeakAudio, 
                     reply=req.reply, seq=req.seq, sample_rate=rate, audio=tensor(audio),
                     text=req.text[:200]), sid))
             self.log.info("tts_sentence", chars=len(req.text), seconds=round(seconds, 3),
                           rtf=round(elapsed / seconds, 3) if seconds else None)
-            await self.proc.bus.respond(reply, wrap(spb.Synthesized(seconds=seconds, compute_s=elapsed),
+            await self.proc.bus.respond(reply, wrap(build(spb.Synthesized, seconds=seconds, compute_s=elapsed),
                                                     sid, epoch=env.epoch))
 
 

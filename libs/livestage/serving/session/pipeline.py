@@ -25,7 +25,7 @@ from livestage.runtime.session_state import SessionState
 from livestage.serving.session.events import STATE_TO_PB
 from livestage.serving.stages.wire import audio_slice
 from livestage.state import NoWorkerAvailable, WorkerRegistry
-from livestage.transport import Envelope, NatsBus, Subjects, kind_of, wrap
+from livestage.transport import Envelope, build, NatsBus, Subjects, kind_of, wrap
 
 STAGES = ("encoder", "generator", "refiner", "decoder")
 
@@ -64,7 +64,7 @@ class DistributedChunkPipeline:
             await self._deliveries.put(env)
 
     def _route(self) -> spb.Route:
-        return spb.Route(**self.placement)
+        return build(spb.Route, **self.placement)
 
     async def _place(self, stage: str, how: spb.OpenStage, exclude: tuple[str, ...] = ()) -> None:
         """Places `stage` on the freest live worker that accepts it (a worker that refuses or does
@@ -88,7 +88,7 @@ class DistributedChunkPipeline:
 
     async def submit(self, request: ChunkRequest) -> None:
         self._outstanding[request.chunk_index] = time.perf_counter()
-        body = spb.ChunkRequest(route=self._route(), directive=request.directive, speak=_slice(request.speak),
+        body = build(spb.ChunkRequest, route=self._route(), directive=request.directive, speak=_slice(request.speak),
                                 listen=_slice(request.listen), played_chunk=request.played_chunk)
         with tracer().start_as_current_span("chunk", attributes={
                 "livestage.session_id": self.session_id, "livestage.chunk": request.chunk_index}):
@@ -121,7 +121,7 @@ class DistributedChunkPipeline:
         decoder = self.placement.get("decoder")
         if decoder:
             await self.bus.publish(Subjects.worker_play("decoder", decoder), wrap(
-                spb.PlayChunk(state=STATE_TO_PB[state]), self.session_id, delivery.chunk_index, delivery.epoch))
+                build(spb.PlayChunk, state=STATE_TO_PB[state]), self.session_id, delivery.chunk_index, delivery.epoch))
 
     async def _broadcast(self, body, stages: tuple[str, ...]) -> None:
         async def one(stage: str) -> None:
@@ -138,7 +138,7 @@ class DistributedChunkPipeline:
 
     async def rollback(self, session_id: str, last_kept_chunk: int, epoch: int) -> None:
         self.epoch = epoch
-        await self._broadcast(spb.RollbackStage(last_kept=last_kept_chunk), STAGES)
+        await self._broadcast(build(spb.RollbackStage, last_kept=last_kept_chunk), STAGES)
         drop_stale(self._deliveries, self.epoch)
         self._outstanding.clear()
 
@@ -146,9 +146,9 @@ class DistributedChunkPipeline:
                       history: Callable[[], tuple[AudioDelta, AudioDelta]]) -> None:
         self.epoch = epoch
         alive = tuple(s for s in STAGES if s not in dead_stages)
-        await self._broadcast(spb.RollbackStage(last_kept=last_kept_chunk), alive)
+        await self._broadcast(build(spb.RollbackStage, last_kept=last_kept_chunk), alive)
         for stage in dead_stages:
-            how = spb.OpenStage(restore=True, restore_upto=last_kept_chunk)
+            how = build(spb.OpenStage, restore=True, restore_upto=last_kept_chunk)
             if stage == "encoder":
                 speak, listen = history()
                 how.speak_history.CopyFrom(_slice(speak))

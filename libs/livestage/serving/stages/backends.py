@@ -16,7 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from livestage.transport.codec import Envelope, decode_framed, encode_framed, error_envelope, kind_of
+from livestage.protos import stages_pb2 as spb
+from livestage.serving.stages.wire import KIND_BY_NAME
+from livestage.transport.codec import (Envelope, build, decode_framed, encode_framed, error_envelope, kind_of,
+                                       tensor, wrap)
 
 STATS_SEQUENCE_ID = 1  # a one-shot sequence for `engine_stats_request`
 
@@ -93,46 +96,39 @@ def chain_chunk(backends: dict[str, StageBackend], request: Envelope) -> dict[st
     """Runs one `chunk_request` through encoder -> generator -> refiner -> decoder backends,
     passing each stage's output on as the stage workers do; returns every stage's
     `chunk_computed` reply (for tests and benchmarks that call the engines without NATS)."""
-    from livestage.protos import stages_pb2 as spb
-    from livestage.transport.codec import wrap
-
     replies: dict[str, Envelope] = {}
     current = request
     for stage in ("encoder", "generator", "refiner", "decoder"):
         reply = backends[stage].call(current)
         if kind_of(reply) != "chunk_computed":
-            raise RuntimeError(f"{stage}: {reply.stage_error.message if kind_of(reply) == 'stage_error' else kind_of(reply)}")
+            problem = reply.stage_error.message if kind_of(reply) == "stage_error" else kind_of(reply)
+            raise RuntimeError(f"{stage}: {problem}")
         replies[stage] = reply
         out = reply.chunk_computed
         if stage == "encoder":
-            body = spb.EncodedChunk(conditions=out.encoded.conditions)
+            body = build(spb.EncodedChunk, conditions=out.encoded.conditions)
         elif stage == "generator":
-            body = spb.LatentChunk(conditions=current.encoded_chunk.conditions, latents=out.latents.latents)
+            body = build(spb.LatentChunk, conditions=current.encoded_chunk.conditions, latents=out.latents.latents)
         else:
-            body = spb.LatentChunk(latents=out.latents.latents)
+            body = build(spb.LatentChunk, latents=out.latents.latents)
         current = wrap(body, request.session_id, request.chunk_index, request.epoch)
     return replies
 
 
 def encode_references(backend: StageBackend, session_id: str, images: list[tuple[str, Any]]) -> Envelope:
     """Asks an encoder backend to encode reference images ((kind, [3, H, W] in [-1, 1]) pairs)."""
-    from livestage.protos import stages_pb2 as spb
-    from livestage.serving.stages.wire import KIND_BY_NAME
-    from livestage.transport.codec import tensor, wrap
 
-    return backend.call(wrap(spb.EncodeReferences(images=[
-        spb.ReferenceImageTensor(kind=KIND_BY_NAME[kind], image=tensor(img)) for kind, img in images]), session_id))
+    images_pb = [build(spb.ReferenceImageTensor, kind=KIND_BY_NAME[kind], image=tensor(img)) for kind, img in images]
+    return backend.call(wrap(build(spb.EncodeReferences, images=images_pb), session_id))
 
 
 def open_engines(backends: dict[str, StageBackend], session_id: str, references: Any, seed: int = 0,
                  lookahead: int = 2) -> dict[str, Envelope]:
     """Opens a session on every stage's backend (`references`: a ReferenceSet); the replies."""
-    from livestage.protos import stages_pb2 as spb
-    from livestage.transport.codec import wrap
 
     opened = {}
     for stage, backend in backends.items():
-        body = spb.EngineOpen(seed=seed, lookahead=lookahead)
+        body = build(spb.EngineOpen, seed=seed, lookahead=lookahead)
         if stage != "encoder":
             body.references.CopyFrom(references)
         opened[stage] = backend.call(wrap(body, session_id))

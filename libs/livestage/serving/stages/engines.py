@@ -35,7 +35,7 @@ from livestage.runtime.stages import (
     RefinerSession,
 )
 from livestage.serving.stages import wire
-from livestage.transport.codec import Envelope, error_envelope, kind_of, tensor, to_torch, wrap
+from livestage.transport.codec import Envelope, build, error_envelope, kind_of, tensor, to_torch, wrap
 
 
 class EngineError(ValueError):
@@ -111,12 +111,12 @@ class StageEngine:
                     session = self._get(sid)
                     last_kept = env.rollback_stage.last_kept
                     session.rollback(last_kept)
-                    return wrap(spb.StageRolledBack(next_index=last_kept + 1), sid, epoch=env.epoch)
+                    return wrap(build(spb.StageRolledBack, next_index=last_kept + 1), sid, epoch=env.epoch)
                 if kind == "close_stage":
                     self._sessions.pop(sid, None)
                     return wrap(spb.StageClosed(), sid)
                 if kind == "engine_stats_request":
-                    return wrap(spb.EngineStats(sessions=len(self._sessions)))
+                    return wrap(build(spb.EngineStats, sessions=len(self._sessions)))
                 return self.handle_other(env)
         except (EngineError, ValueError, KeyError) as exc:
             return error_envelope(str(exc), like=env)
@@ -124,7 +124,7 @@ class StageEngine:
     def _open(self, env: Envelope) -> Envelope:
         session = self.new_session(env.engine_open)
         self._sessions[env.session_id] = _Held(session, time.monotonic())
-        return wrap(spb.EngineOpened(next_index=self.next_index(session),
+        return wrap(build(spb.EngineOpened, next_index=self.next_index(session),
                                      restored=[e.chunk_index for e in env.engine_open.restore]),
                     env.session_id, epoch=env.epoch)
 
@@ -172,7 +172,7 @@ class EncoderEngine(StageEngine):
         inputs, playback = session.encode(env.chunk_index, req.directive)
         session.forget_before(min(req.played_chunk, env.chunk_index))
         session.next_chunk_index = env.chunk_index + 1
-        return spb.ChunkComputed(encoded=spb.EncodedChunk(conditions=wire.conditions_to_pb(inputs),
+        return build(spb.ChunkComputed, encoded=build(spb.EncodedChunk, conditions=wire.conditions_to_pb(inputs),
                                                           playback_audio=tensor(playback)))
 
     def handle_other(self, env: Envelope) -> Envelope:
@@ -185,7 +185,7 @@ class EncoderEngine(StageEngine):
             images.append((wire.NAME_BY_KIND[img.kind], to_torch(img.image, name=f"images[{i}].image")))
         refs = self.encoder.encode_references(images)
         weights = ",".join(f"{k}={v}" for k, v in self.models.describe().items())
-        return wrap(spb.ReferencesEncoded(references=wire.references_to_pb(refs), weights=weights,
+        return wrap(build(spb.ReferencesEncoded, references=wire.references_to_pb(refs), weights=weights,
                                           seeded=self.models.seeded), env.session_id)
 
 
@@ -208,6 +208,11 @@ class _DiTEngine(StageEngine):
             result.keep.extend(c.chunk_index for c in session.cache.retained())
 
 
+def _latents(latents: torch.Tensor) -> spb.ChunkComputed:
+    """A DiT stage's chunk result: its latents, in the model's dtype."""
+    return build(spb.ChunkComputed, latents=build(spb.LatentChunk, latents=tensor(latents)))
+
+
 class GeneratorEngine(_DiTEngine):
     stage = "generator"
     chunk_kind = "encoded_chunk"
@@ -215,8 +220,7 @@ class GeneratorEngine(_DiTEngine):
 
     def run(self, session: GeneratorSession, env: Envelope) -> spb.ChunkComputed:
         d, dt = self.models.device, self.models.dtype
-        inputs = wire.conditions_from_pb(env.encoded_chunk.conditions, env.chunk_index, d, dt)
-        return spb.ChunkComputed(latents=spb.LatentChunk(latents=tensor(session.generate(inputs))))
+        return _latents(session.generate(wire.conditions_from_pb(env.encoded_chunk.conditions, env.chunk_index, d, dt)))
 
     def describe_chunk(self, session: GeneratorSession, result: spb.ChunkComputed, chunk_index: int) -> None:
         super().describe_chunk(session, result, chunk_index)
@@ -234,7 +238,7 @@ class RefinerEngine(_DiTEngine):
         msg = env.latent_chunk
         inputs = wire.conditions_from_pb(msg.conditions, env.chunk_index, d, dt)
         coarse = to_torch(msg.latents, d, dt, "latents")
-        return spb.ChunkComputed(latents=spb.LatentChunk(latents=tensor(session.refine(inputs, coarse))))
+        return _latents(session.refine(inputs, coarse))
 
 
 class DecoderEngine(StageEngine):
@@ -255,7 +259,7 @@ class DecoderEngine(StageEngine):
 
     def run(self, session: DecoderSession, env: Envelope) -> spb.ChunkComputed:
         clean = to_torch(env.latent_chunk.latents, self.models.device, self.models.dtype, "latents")
-        return spb.ChunkComputed(frames=tensor(session.decode(clean, env.chunk_index)))
+        return build(spb.ChunkComputed, frames=tensor(session.decode(clean, env.chunk_index)))
 
 
 ENGINES: dict[str, type[StageEngine]] = {"encoder": EncoderEngine, "generator": GeneratorEngine,

@@ -15,7 +15,7 @@ import torch
 from livestage.protos import session_pb2 as pb
 from livestage.protos import stages_pb2 as spb
 from livestage.runtime.stages import ChunkInputs, HistoryEntry, ReferenceLatents
-from livestage.transport.codec import tensor, to_numpy, to_torch
+from livestage.transport.codec import build, tensor, to_numpy, to_torch
 
 KIND_BY_NAME = {"global": pb.REFERENCE_KIND_GLOBAL, "view": pb.REFERENCE_KIND_VIEW,
                 "expression": pb.REFERENCE_KIND_EXPRESSION}
@@ -23,7 +23,7 @@ NAME_BY_KIND = {v: k for k, v in KIND_BY_NAME.items()}
 
 
 def conditions_to_pb(inputs: ChunkInputs) -> spb.ChunkConditions:
-    return spb.ChunkConditions(text=tensor(inputs.text), speak=tensor(inputs.speak),
+    return build(spb.ChunkConditions, text=tensor(inputs.text), speak=tensor(inputs.speak),
                                listen=tensor(inputs.listen), directive=inputs.directive,
                                speaking=inputs.speaking, user_speaking=inputs.user_speaking)
 
@@ -37,7 +37,7 @@ def conditions_from_pb(c: spb.ChunkConditions, chunk_index: int, device: torch.d
 
 
 def entry_to_pb(entry: HistoryEntry) -> spb.HistoryEntry:
-    return spb.HistoryEntry(chunk_index=entry.chunk_index, latent=tensor(entry.latent),
+    return build(spb.HistoryEntry, chunk_index=entry.chunk_index, latent=tensor(entry.latent),
                             timestep=entry.timestep, inputs=conditions_to_pb(entry.inputs))
 
 
@@ -48,7 +48,7 @@ def entry_from_pb(e: spb.HistoryEntry, device: torch.device | str = "cpu",
 
 
 def references_to_pb(refs: ReferenceLatents) -> spb.ReferenceSet:
-    return spb.ReferenceSet(references=[spb.ReferenceLatent(kind=KIND_BY_NAME[kind], latent=tensor(latent))
+    return build(spb.ReferenceSet, references=[build(spb.ReferenceLatent, kind=KIND_BY_NAME[kind], latent=tensor(latent))
                                         for kind, latent in refs])
 
 
@@ -63,7 +63,7 @@ def references_from_pb(refs: spb.ReferenceSet, device: torch.device | str = "cpu
 
 
 def audio_slice(start_sample: int, samples: np.ndarray) -> spb.AudioSlice:
-    return spb.AudioSlice(start_sample=start_sample, samples=tensor(np.asarray(samples, np.float32)))
+    return build(spb.AudioSlice, start_sample=start_sample, samples=tensor(np.asarray(samples, np.float32)))
 
 
 def audio_from_slice(s: spb.AudioSlice, name: str) -> np.ndarray:

@@ -34,7 +34,7 @@ from livestage.serving.process import ServiceProcess, run_service
 from livestage.serving.stages.backends import LocalBackend, StageBackend, TritonBackend
 from livestage.serving.stages.engines import CHECKPOINT_SOURCE, make_engine
 from livestage.state import CheckpointStore, SessionNotFound, SessionStore
-from livestage.transport import Envelope, Subjects, error_envelope, kind_of, wrap
+from livestage.transport import Envelope, build, Subjects, error_envelope, kind_of, wrap
 
 CHUNK_KINDS = {"encoder": "chunk_request", "generator": "encoded_chunk", "refiner": "latent_chunk",
                "decoder": "latent_chunk"}
@@ -145,7 +145,7 @@ class StageWorker:
         if sid not in self.sessions and len(self.sessions) >= self.settings.capacity:
             await self.bus.respond(reply, error_envelope("worker full", like=env))
             return
-        engine_open = spb.EngineOpen(seed=req.seed, lookahead=req.lookahead or self.settings.lookahead_chunks)
+        engine_open = build(spb.EngineOpen, seed=req.seed, lookahead=req.lookahead or self.settings.lookahead_chunks)
         if self.stage == "encoder":
             engine_open.speak_history.CopyFrom(req.speak_history)
             engine_open.listen_history.CopyFrom(req.listen_history)
@@ -159,7 +159,7 @@ class StageWorker:
         if answer.engine_opened.restored:
             self.log.info("session_restored", entries=list(answer.engine_opened.restored))
         self.proc.beat_soon()
-        await self.bus.respond(reply, wrap(spb.StageOpened(worker_id=self.proc.worker_id), sid))
+        await self.bus.respond(reply, wrap(build(spb.StageOpened, worker_id=self.proc.worker_id), sid))
 
     async def load_entries(self, session_id: str, upto: int) -> list[spb.HistoryEntry]:
         """Checkpointed sinks and last window chunks with index <= upto, oldest first."""
@@ -228,7 +228,7 @@ class StageWorker:
     def _timing(self, computed: spb.ChunkComputed) -> spb.StageTiming:
         METRICS.stage_latency.labels(stage=self.stage).observe(computed.compute_ms / 1000)
         METRICS.chunks.labels(stage=self.stage).inc()
-        return spb.StageTiming(stage=self.stage, worker_id=self.proc.worker_id, compute_ms=computed.compute_ms)
+        return build(spb.StageTiming, stage=self.stage, worker_id=self.proc.worker_id, compute_ms=computed.compute_ms)
 
     async def forward(self, msg: Envelope, computed: spb.ChunkComputed) -> None:
         """Sends a chunk's result to the next worker on its route (or, from the decoder, holds the
@@ -238,18 +238,18 @@ class StageWorker:
         if self.stage == "encoder":
             req = msg.chunk_request
             out = computed.encoded
-            body = spb.EncodedChunk(route=req.route, conditions=out.conditions, playback_audio=out.playback_audio,
+            body = build(spb.EncodedChunk, route=req.route, conditions=out.conditions, playback_audio=out.playback_audio,
                                     timings=[timing])
             await self._send("generator", req.route.generator, wrap(body, sid, k, epoch))
         elif self.stage == "generator":
             inp = msg.encoded_chunk
-            body = spb.LatentChunk(route=inp.route, conditions=inp.conditions, latents=computed.latents.latents,
+            body = build(spb.LatentChunk, route=inp.route, conditions=inp.conditions, latents=computed.latents.latents,
                                    playback_audio=inp.playback_audio, speaking=inp.conditions.speaking,
                                    user_speaking=inp.conditions.user_speaking, timings=[*inp.timings, timing])
             await self._send("refiner", inp.route.refiner, wrap(body, sid, k, epoch))
         elif self.stage == "refiner":
             inp = msg.latent_chunk
-            body = spb.LatentChunk(route=inp.route, latents=computed.latents.latents,
+            body = build(spb.LatentChunk, route=inp.route, latents=computed.latents.latents,
                                    playback_audio=inp.playback_audio, speaking=inp.speaking,
                                    user_speaking=inp.user_speaking, timings=[*inp.timings, timing])
             await self._send("decoder", inp.route.decoder, wrap(body, sid, k, epoch))
@@ -270,13 +270,13 @@ class StageWorker:
         held = self.sessions.get(msg.session_id)
         if held is None:
             return
-        held.decoded[msg.chunk_index] = wrap(spb.FrameChunk(
+        held.decoded[msg.chunk_index] = wrap(build(spb.FrameChunk, 
             frames=frames, audio=inp.playback_audio, speaking=inp.speaking, user_speaking=inp.user_speaking,
             timings=timings), msg.session_id, msg.chunk_index, msg.epoch)
         for old in sorted(held.decoded)[:-MAX_HELD_CHUNKS]:
             del held.decoded[old]
         shape = [int(d) for d in frames.shape]
-        await self.bus.publish(Subjects.session_deliveries(msg.session_id), wrap(spb.ChunkDecoded(
+        await self.bus.publish(Subjects.session_deliveries(msg.session_id), wrap(build(spb.ChunkDecoded, 
             frames=shape[0] if shape else 0, shape=shape, speaking=inp.speaking, user_speaking=inp.user_speaking,
             timings=timings), msg.session_id, msg.chunk_index, msg.epoch))
 
