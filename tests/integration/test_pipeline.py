@@ -234,3 +234,37 @@ async def test_health_checks_and_graceful_shutdown_of_a_worker(stack):
     assert not await registry.is_alive("refiner-extra")  # deregistered on drain, not left to expire
     assert "service_stopped" in extra.log()
     await r.aclose()
+
+
+async def test_calls_on_an_ended_session_and_bad_character_fields_get_clear_statuses(stack):
+    channel, client = stub(stack.session_address)
+
+    async def status_of(coro):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await coro
+        return err.value.code(), err.value.details()
+
+    sid = await _session(client)
+    await client.StartSession(pb.SessionRef(session_id=sid))
+    first = await client.EndSession(pb.SessionRef(session_id=sid))
+    again = await client.EndSession(pb.SessionRef(session_id=sid))  # idempotent, no internal error
+    assert first.state == again.state == pb.SESSION_STATE_ENDED
+    for call in (client.SendText(pb.SendTextRequest(session_id=sid, text="hello")),
+                 client.SetDirective(pb.SetDirectiveRequest(session_id=sid, directive="smile")),
+                 client.Interrupt(pb.SessionRef(session_id=sid))):
+        code, msg = await status_of(call)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "session_id" in msg and "ended" in msg
+    long_persona = character()
+    long_persona.persona = "x" * 4001
+    code, msg = await status_of(client.CreateSession(pb.CreateSessionRequest(character=long_persona)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "character.persona" in msg
+    for voice in ("../../../../etc/passwd", "a/b", "v" * 65):
+        bad_voice = character()
+        bad_voice.voice = voice
+        code, msg = await status_of(client.CreateSession(pb.CreateSessionRequest(character=bad_voice)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "character.voice" in msg, voice
+    ok_voice = character()
+    ok_voice.voice = "en_US-joe-medium"
+    fine = await client.CreateSession(pb.CreateSessionRequest(character=ok_voice))
+    await client.EndSession(pb.SessionRef(session_id=fine.session_id))
+    await channel.close()

@@ -114,6 +114,25 @@ async def test_livekit_sink_publishes_tracks_lazily_paces_frames_and_clears():
     assert sink.position_s == pytest.approx(len(played))
 
 
+async def test_a_livekit_sink_whose_pump_died_refuses_the_next_chunk():
+    import asyncio
+
+    class BrokenRoom(LoopbackRoomLink):
+        async def publish_track(self, track, options):
+            raise ConnectionError("room closed by the server")
+
+    sink = LiveKitSink(BrokenRoom())
+    await sink.start(32, 32, 8, 16000)
+    await sink.write(chunk(0))  # the pump dies publishing its tracks
+    for _ in range(100):
+        if sink._pump.done():
+            break
+        await asyncio.sleep(0.02)
+    with pytest.raises(RuntimeError, match="room closed by the server"):
+        await sink.write(chunk(1))
+    await sink.close()
+
+
 async def test_avatar_data_stream_protocol_in_and_out():
     room = LoopbackRoomLink()
     got, ends, clears = [], [], []

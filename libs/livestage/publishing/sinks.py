@@ -151,6 +151,11 @@ class LiveKitSink:
                 await self.on_played(chunk.chunk_index, self.position_s)
 
     async def write(self, chunk: AVChunk) -> None:
+        """Queues a chunk for the pump; raises once the pump has died (the publisher's writer,
+        and with it the session's task group, then ends the session with a clear reason)."""
+        if self._pump is not None and self._pump.done():
+            failure = None if self._pump.cancelled() else self._pump.exception()
+            raise RuntimeError(f"LiveKit publishing stopped: {failure!r}")
         chunk.validate()
         self._queue.put_nowait(chunk)
 

@@ -35,11 +35,10 @@ from livestage.media.audio import resample_audio
 from livestage.protos import session_pb2 as pb
 from livestage.protos import stages_pb2 as spb
 from livestage.serving.conversation.attached import AttachError, SessionAttachedWorker
+from livestage.serving.limits import MAX_PERSONA_CHARS, MAX_TEXT_CHARS, voice_problem
 from livestage.serving.process import ServiceProcess, SessionTasks, run_service
-from livestage.transport import Envelope, build, Subjects, kind_of, tensor, to_numpy, wrap
+from livestage.transport import Envelope, Subjects, build, kind_of, tensor, to_numpy, wrap
 
-MAX_PERSONA_CHARS = 4000
-MAX_USER_TEXT_CHARS = 4000
 MAX_BACKLOG_S = 20.0
 MAX_PARTIAL_S = 15.0
 
@@ -170,7 +169,7 @@ class DialogueSession:
         if kind_of(env) != "user_text":
             await self.error("user_text", f"body: expected user_text, got {kind_of(env)!r}", "body")
             return
-        text = env.user_text.text.strip()[:MAX_USER_TEXT_CHARS]
+        text = env.user_text.text.strip()[:MAX_TEXT_CHARS]
         if text:
             self.start_reply(text)
 
@@ -358,6 +357,9 @@ class DialogueWorker(SessionAttachedWorker[DialogueSession]):
 
         if len(body.persona) > MAX_PERSONA_CHARS:
             raise AttachError("character.persona", f"longer than {MAX_PERSONA_CHARS} characters")
+        problem = voice_problem(body.voice)
+        if problem is not None:
+            raise AttachError("character.voice", problem)
         rate = body.sample_rate or self.settings.sample_rate
         if rate != 16000:
             raise AttachError("sample_rate", f"the dialogue listens at 16000 Hz, not {rate}")

@@ -24,6 +24,7 @@ from livestage.protos import session_pb2_grpc
 from livestage.protos import stages_pb2 as spb
 from livestage.runtime.session_state import SessionState
 from livestage.runtime.stages import ReferenceKindError, check_reference_kinds
+from livestage.serving.limits import MAX_DIRECTIVE_CHARS, MAX_PERSONA_CHARS, MAX_TEXT_CHARS, voice_problem
 from livestage.serving.process import ServiceProcess, run_service
 from livestage.serving.session.conversation import AttachFailed
 from livestage.serving.session.events import STATE_TO_PB
@@ -35,8 +36,6 @@ from livestage.transport import Subjects, kind_of, tensor, wrap
 
 _KIND = {v: k for k, v in KIND_BY_NAME.items()}
 MAX_LOOKAHEAD = 8
-MAX_TEXT_CHARS = 4000
-MAX_DIRECTIVE_CHARS = 1000
 T = TypeVar("T")
 
 
@@ -163,6 +162,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         lookahead = opts.lookahead_chunks or self.settings.lookahead_chunks
         if not 1 <= lookahead <= MAX_LOOKAHEAD:
             raise invalid("options.lookahead_chunks", f"must be 1..{MAX_LOOKAHEAD}, got {lookahead}")
+        if len(request.character.persona) > MAX_PERSONA_CHARS:
+            raise invalid("character.persona", f"longer than {MAX_PERSONA_CHARS} characters")
+        problem = voice_problem(request.character.voice)
+        if problem is not None:
+            raise invalid("character.voice", problem)
         images = self._reference_images(request)
         session_id = uuid.uuid4().hex
         with bind_session(session_id):
@@ -261,7 +265,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def SendText(self, request: pb.SendTextRequest, context) -> pb.Session:
         async def run() -> pb.Session:
-            live = self._live(request.session_id)
+            live = self._live(request.session_id, running=True)
             if not request.text.strip():
                 raise invalid("text", "empty")
             if len(request.text) > MAX_TEXT_CHARS:
@@ -273,6 +277,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def SetDirective(self, request: pb.SetDirectiveRequest, context) -> pb.Session:
         async def run() -> pb.Session:
             live = self._live(request.session_id)
+            if live.ended:
+                raise precondition("session has ended")
             if len(request.directive) > MAX_DIRECTIVE_CHARS:
                 raise invalid("directive", f"longer than {MAX_DIRECTIVE_CHARS} characters")
             live.set_directive(request.directive)
@@ -281,9 +287,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def Interrupt(self, request: pb.SessionRef, context) -> pb.InterruptResponse:
         async def run() -> pb.InterruptResponse:
-            live = self._live(request.session_id)
-            if not live.started:
-                raise precondition("session not started")
+            live = self._live(request.session_id, running=True)
             last_kept = await live.interrupt("api")
             return pb.InterruptResponse(session_id=live.session_id, last_kept_chunk=last_kept)
         return await self._guard(context, run())
