@@ -4,7 +4,6 @@ and typed errors for bad requests."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from livestage.media.samples import sample_character, sample_speech

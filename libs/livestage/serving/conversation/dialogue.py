@@ -292,7 +292,7 @@ class DialogueSession:
             if sentence is None:
                 return
             seq += 1
-            request = wrap(build(spb.Synthesize, text=sentence, voice=self.voice, reply=reply_id, seq=seq,
+            request = wrap(spb.Synthesize(text=sentence, voice=self.voice, reply=reply_id, seq=seq,
                                           sample_rate=self.sample_rate), self.session_id)
             try:
                 answer = await self.worker.bus.request(Subjects.stage_work("tts"), request,
@@ -378,11 +378,11 @@ class DialogueWorker(SessionAttachedWorker[DialogueSession]):
         except BaseException:
             await s.close()  # an A2A connection or subscription made so far is let go
             raise
-        return s, build(spb.SessionAttached, backend=self.settings.dialogue_backend)
+        return s, spb.SessionAttached(backend=self.settings.dialogue_backend)
 
     async def close_session(self, session: DialogueSession, last_chunk: int) -> spb.SessionDetached:
         await session.close()
-        return build(spb.SessionDetached, replies=session.reply_id)
+        return spb.SessionDetached(replies=session.reply_id)
 
     async def on_interrupt(self, session: DialogueSession, env: Envelope, interrupt: spb.Interrupt) -> None:
         if interrupt.reply >= session.reply_id:

@@ -151,7 +151,7 @@ class PublishedSession:
     async def report_played(self, chunk_index: int, position_s: float) -> None:
         """The sink started playing `chunk_index`: tell the session runtime (lookahead)."""
         await self.worker.bus.publish(Subjects.session_playback(self.session_id), wrap(
-            build(spb.PlaybackReport, position_s=position_s), self.session_id, chunk_index, self.epoch))
+            spb.PlaybackReport(position_s=position_s), self.session_id, chunk_index, self.epoch))
 
     async def wait_written(self, last_chunk: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -182,9 +182,9 @@ class PublishedSession:
     async def agent_audio(self, samples: np.ndarray, sample_rate: int) -> None:
         audio = np.asarray(resample_audio(samples, sample_rate, self.sample_rate), np.float32)
         self.external_seq += 1
-        await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), wrap(build(spb.SpeakAudio, 
-            reply=self.external_reply, seq=self.external_seq, sample_rate=self.sample_rate,
-            audio=tensor(audio)), self.session_id))
+        body = build(spb.SpeakAudio, reply=self.external_reply, seq=self.external_seq, sample_rate=self.sample_rate,
+                     audio=tensor(audio))
+        await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), wrap(body, self.session_id))
 
     async def agent_segment_end(self) -> None:
         self.external_reply += 1
@@ -206,7 +206,7 @@ class PublishedSession:
             self.tasks.spawn(self._request_interrupt(last, self.epoch), "interrupt_request")
 
     async def _request_interrupt(self, last_shown: int, epoch: int) -> None:
-        request = wrap(build(spb.InterruptRequest, reason=AGENT_CLEAR, last_shown=last_shown),
+        request = wrap(spb.InterruptRequest(reason=AGENT_CLEAR, last_shown=last_shown),
                        self.session_id, epoch=epoch)
         try:
             answer = await self.worker.bus.request(Subjects.session_commands(self.session_id), request,
@@ -285,13 +285,13 @@ class PublisherWorker(SessionAttachedWorker[PublishedSession]):
         except BaseException:
             await session.release()  # a room joined or a recording started is let go
             raise
-        return session, build(spb.SessionAttached, recording=session.recording)
+        return session, spb.SessionAttached(recording=session.recording)
 
     async def close_session(self, session: PublishedSession, last_chunk: int) -> spb.SessionDetached:
         if last_chunk >= 0:
             await session.wait_written(last_chunk, self.settings.close_wait_s)
         await session.release()
-        return build(spb.SessionDetached, recording=session.recording, chunks=session.last_written + 1)
+        return spb.SessionDetached(recording=session.recording, chunks=session.last_written + 1)
 
     async def on_interrupt(self, session: PublishedSession, env: Envelope, interrupt: spb.Interrupt) -> None:
         # An interrupt the publisher asked for was handled when the agent cleared its buffer: only

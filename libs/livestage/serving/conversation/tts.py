@@ -110,12 +110,12 @@ class TTSWorker:
             seconds = audio.size / rate
             METRICS.stage_latency.labels(stage="tts").observe(elapsed)
             if audio.size:
-                await self.proc.bus.publish(Subjects.session_speak_audio(sid), wrap(build(spb.SpeakAudio, 
-                    reply=req.reply, seq=req.seq, sample_rate=rate, audio=tensor(audio),
-                    text=req.text[:200]), sid))
+                body = build(spb.SpeakAudio, reply=req.reply, seq=req.seq, sample_rate=rate, audio=tensor(audio),
+                             text=req.text[:200])
+                await self.proc.bus.publish(Subjects.session_speak_audio(sid), wrap(body, sid))
             self.log.info("tts_sentence", chars=len(req.text), seconds=round(seconds, 3),
                           rtf=round(elapsed / seconds, 3) if seconds else None)
-            await self.proc.bus.respond(reply, wrap(build(spb.Synthesized, seconds=seconds, compute_s=elapsed),
+            await self.proc.bus.respond(reply, wrap(spb.Synthesized(seconds=seconds, compute_s=elapsed),
                                                     sid, epoch=env.epoch))
 
 

@@ -31,7 +31,8 @@ from livestage.observability import METRICS, get_logger
 from livestage.protos import session_pb2 as pb
 from livestage.protos import stages_pb2 as spb
 from livestage.runtime.session_runtime import SessionRuntime
-from livestage.transport import Envelope, build, NatsBus, NoRespondersError, Subjects, kind_of, tensor, to_numpy, wrap
+from livestage.transport import (Envelope, NatsBus, NoRespondersError, Subjects, build, error_envelope, kind_of, tensor,
+                                 to_numpy, wrap)
 
 _log = get_logger("conversation")
 
@@ -118,7 +119,7 @@ class ConversationLink:
                 continue
             try:
                 await self.bus.request(Subjects.worker(stage, worker), wrap(
-                    build(spb.DetachSession, last_chunk=last_chunk), self.session_id, epoch=epoch),
+                    spb.DetachSession(last_chunk=last_chunk), self.session_id, epoch=epoch),
                     timeout=DETACH_TIMEOUT_S)
             except TimeoutError as exc:  # NoRespondersError included
                 _log.warning("stage_close_failed", stage=stage, worker=worker, error=repr(exc))
@@ -132,21 +133,20 @@ class ConversationLink:
     # -- inputs from the public API --------------------------------------------------------
     async def user_audio(self, samples: np.ndarray) -> None:
         if self.dialogue_worker:
-            await self.bus.publish(Subjects.session_user_audio(self.session_id), wrap(build(spb.UserAudio, 
-                sample_rate=self.sample_rate, audio=tensor(np.asarray(samples, np.float32))),
-                self.session_id))
+            body = build(spb.UserAudio, sample_rate=self.sample_rate, audio=tensor(np.asarray(samples, np.float32)))
+            await self.bus.publish(Subjects.session_user_audio(self.session_id), wrap(body, self.session_id))
 
     async def user_text(self, text: str) -> None:
         await self.bus.publish(Subjects.session_user_text(self.session_id),
-                               wrap(build(spb.UserText, text=text), self.session_id))
+                               wrap(spb.UserText(text=text), self.session_id))
 
     async def interrupted(self, last_kept: int, reason: str, origin: str = "session") -> None:
         """After the runtime rolled back: cancel the reply everywhere and clear the publisher."""
         self.cancelled_reply = max(self.cancelled_reply, self.current_reply)
         self._awaiting_speech = 0
-        await self.bus.publish(Subjects.control(self.session_id), wrap(build(spb.Interrupt, 
-            last_kept=last_kept, reply=self.cancelled_reply, reason=reason, origin=origin),
-            self.session_id, last_kept, self.runtime.epoch))
+        body = spb.Interrupt(last_kept=last_kept, reply=self.cancelled_reply, reason=reason, origin=origin)
+        await self.bus.publish(Subjects.control(self.session_id),
+                               wrap(body, self.session_id, last_kept, self.runtime.epoch))
 
     def on_chunk(self, chunk_index: int, speaking: bool) -> tuple[bool, float | None]:
         """Called per delivered chunk: (is this the first chunk of a reply's speech, the
@@ -234,10 +234,9 @@ class ConversationLink:
 
     async def _on_command(self, env: Envelope, headers: dict[str, str], reply_to: str) -> None:
         if kind_of(env) != "interrupt_request":
-            await self.bus.respond(reply_to, wrap(build(spb.StageError, 
-                message=f"body: the session takes interrupt_request, got {kind_of(env)!r}", field="body"),
-                self.session_id))
+            await self.bus.respond(reply_to, error_envelope(
+                f"body: the session takes interrupt_request, got {kind_of(env)!r}", "body", like=env))
             return
         last_kept = await self.interrupt(env.interrupt_request.reason or "command", "publisher")
-        await self.bus.respond(reply_to, wrap(build(spb.InterruptDone, last_kept=last_kept), self.session_id,
+        await self.bus.respond(reply_to, wrap(spb.InterruptDone(last_kept=last_kept), self.session_id,
                                               last_kept, self.runtime.epoch))

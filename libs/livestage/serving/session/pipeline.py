@@ -121,7 +121,7 @@ class DistributedChunkPipeline:
         decoder = self.placement.get("decoder")
         if decoder:
             await self.bus.publish(Subjects.worker_play("decoder", decoder), wrap(
-                build(spb.PlayChunk, state=STATE_TO_PB[state]), self.session_id, delivery.chunk_index, delivery.epoch))
+                spb.PlayChunk(state=STATE_TO_PB[state]), self.session_id, delivery.chunk_index, delivery.epoch))
 
     async def _broadcast(self, body, stages: tuple[str, ...]) -> None:
         async def one(stage: str) -> None:
@@ -138,7 +138,7 @@ class DistributedChunkPipeline:
 
     async def rollback(self, session_id: str, last_kept_chunk: int, epoch: int) -> None:
         self.epoch = epoch
-        await self._broadcast(build(spb.RollbackStage, last_kept=last_kept_chunk), STAGES)
+        await self._broadcast(spb.RollbackStage(last_kept=last_kept_chunk), STAGES)
         drop_stale(self._deliveries, self.epoch)
         self._outstanding.clear()
 
@@ -146,9 +146,9 @@ class DistributedChunkPipeline:
                       history: Callable[[], tuple[AudioDelta, AudioDelta]]) -> None:
         self.epoch = epoch
         alive = tuple(s for s in STAGES if s not in dead_stages)
-        await self._broadcast(build(spb.RollbackStage, last_kept=last_kept_chunk), alive)
+        await self._broadcast(spb.RollbackStage(last_kept=last_kept_chunk), alive)
         for stage in dead_stages:
-            how = build(spb.OpenStage, restore=True, restore_upto=last_kept_chunk)
+            how = spb.OpenStage(restore=True, restore_upto=last_kept_chunk)
             if stage == "encoder":
                 speak, listen = history()
                 how.speak_history.CopyFrom(_slice(speak))

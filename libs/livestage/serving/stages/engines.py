@@ -111,12 +111,12 @@ class StageEngine:
                     session = self._get(sid)
                     last_kept = env.rollback_stage.last_kept
                     session.rollback(last_kept)
-                    return wrap(build(spb.StageRolledBack, next_index=last_kept + 1), sid, epoch=env.epoch)
+                    return wrap(spb.StageRolledBack(next_index=last_kept + 1), sid, epoch=env.epoch)
                 if kind == "close_stage":
                     self._sessions.pop(sid, None)
                     return wrap(spb.StageClosed(), sid)
                 if kind == "engine_stats_request":
-                    return wrap(build(spb.EngineStats, sessions=len(self._sessions)))
+                    return wrap(spb.EngineStats(sessions=len(self._sessions)))
                 return self.handle_other(env)
         except (EngineError, ValueError, KeyError) as exc:
             return error_envelope(str(exc), like=env)
@@ -124,7 +124,7 @@ class StageEngine:
     def _open(self, env: Envelope) -> Envelope:
         session = self.new_session(env.engine_open)
         self._sessions[env.session_id] = _Held(session, time.monotonic())
-        return wrap(build(spb.EngineOpened, next_index=self.next_index(session),
+        return wrap(spb.EngineOpened(next_index=self.next_index(session),
                                      restored=[e.chunk_index for e in env.engine_open.restore]),
                     env.session_id, epoch=env.epoch)
 

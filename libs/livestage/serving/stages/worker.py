@@ -159,7 +159,7 @@ class StageWorker:
         if answer.engine_opened.restored:
             self.log.info("session_restored", entries=list(answer.engine_opened.restored))
         self.proc.beat_soon()
-        await self.bus.respond(reply, wrap(build(spb.StageOpened, worker_id=self.proc.worker_id), sid))
+        await self.bus.respond(reply, wrap(spb.StageOpened(worker_id=self.proc.worker_id), sid))
 
     async def load_entries(self, session_id: str, upto: int) -> list[spb.HistoryEntry]:
         """Checkpointed sinks and last window chunks with index <= upto, oldest first."""
@@ -270,15 +270,16 @@ class StageWorker:
         held = self.sessions.get(msg.session_id)
         if held is None:
             return
-        held.decoded[msg.chunk_index] = wrap(build(spb.FrameChunk, 
-            frames=frames, audio=inp.playback_audio, speaking=inp.speaking, user_speaking=inp.user_speaking,
-            timings=timings), msg.session_id, msg.chunk_index, msg.epoch)
+        frame_chunk = build(spb.FrameChunk, frames=frames, audio=inp.playback_audio, speaking=inp.speaking,
+                            user_speaking=inp.user_speaking, timings=timings)
+        held.decoded[msg.chunk_index] = wrap(frame_chunk, msg.session_id, msg.chunk_index, msg.epoch)
         for old in sorted(held.decoded)[:-MAX_HELD_CHUNKS]:
             del held.decoded[old]
         shape = [int(d) for d in frames.shape]
-        await self.bus.publish(Subjects.session_deliveries(msg.session_id), wrap(build(spb.ChunkDecoded, 
-            frames=shape[0] if shape else 0, shape=shape, speaking=inp.speaking, user_speaking=inp.user_speaking,
-            timings=timings), msg.session_id, msg.chunk_index, msg.epoch))
+        decoded = build(spb.ChunkDecoded, frames=shape[0] if shape else 0, shape=shape, speaking=inp.speaking,
+                        user_speaking=inp.user_speaking, timings=timings)
+        await self.bus.publish(Subjects.session_deliveries(msg.session_id),
+                               wrap(decoded, msg.session_id, msg.chunk_index, msg.epoch))
 
     async def _play(self, env: Envelope) -> None:
         """The session plays chunk k now: publish its frames once, forget what is older."""
