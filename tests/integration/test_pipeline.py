@@ -249,6 +249,10 @@ async def test_calls_on_an_ended_session_and_bad_character_fields_get_clear_stat
     first = await client.EndSession(pb.SessionRef(session_id=sid))
     again = await client.EndSession(pb.SessionRef(session_id=sid))  # idempotent, no internal error
     assert first.state == again.state == pb.SESSION_STATE_ENDED
+
+    async def drain_events():
+        return [ev async for ev in client.StreamEvents(pb.SessionRef(session_id=sid))]
+    assert await asyncio.wait_for(drain_events(), 10) == []  # closes at once, never hangs
     for call in (client.SendText(pb.SendTextRequest(session_id=sid, text="hello")),
                  client.SetDirective(pb.SetDirectiveRequest(session_id=sid, directive="smile")),
                  client.Interrupt(pb.SessionRef(session_id=sid))):

@@ -170,7 +170,9 @@ class LiveSession:
             q.put_nowait(None)
 
     async def events(self) -> AsyncIterator[pb.SessionEvent]:
-        """The session's events from now on, until it ends."""
+        """The session's events from now on, until it ends (at once for an ended session)."""
+        if self.ended:
+            return
         q: asyncio.Queue = asyncio.Queue()
         self._subscribers.append(q)
         try:
