@@ -272,3 +272,26 @@ async def test_calls_on_an_ended_session_and_bad_character_fields_get_clear_stat
     fine = await client.CreateSession(pb.CreateSessionRequest(character=ok_voice))
     await client.EndSession(pb.SessionRef(session_id=fine.session_id))
     await channel.close()
+
+
+async def test_sessions_nobody_starts_end_by_themselves_and_free_their_slots(stack):
+    channel, client = stub(stack.session_address)
+    held: list[str] = []
+    refused = None
+    for _ in range(12):  # fill the single refiner/decoder (4 slots each) with unstarted sessions
+        try:
+            held.append((await client.CreateSession(pb.CreateSessionRequest(character=character()))).session_id)
+        except grpc.aio.AioRpcError as exc:
+            refused = exc
+            break
+    assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE and held
+    await asyncio.sleep(10)  # LIVESTAGE_START_TIMEOUT_S=8 in this stack
+    for sid in held:
+        assert (await client.GetSession(pb.SessionRef(session_id=sid))).state == pb.SESSION_STATE_ENDED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.StartSession(pb.SessionRef(session_id=held[0]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ended" in err.value.details()
+    fresh = await _session(client)  # the slots are free again
+    await client.StartSession(pb.SessionRef(session_id=fresh))
+    await client.EndSession(pb.SessionRef(session_id=fresh))
+    await channel.close()

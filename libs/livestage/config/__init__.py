@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     """Heartbeat timeout: a worker silent for this long is considered dead."""
     stage_timeout_s: float = Field(10.0, gt=0)
     """A chunk not delivered within this time triggers a liveness check of its workers."""
+    start_timeout_s: float = Field(120.0, gt=0)
+    """A created session not started within this long ends by itself and frees its workers."""
     session_idle_timeout_s: float = Field(600.0, gt=0)
     """A stage frees a session's caches after this long without a request (abandoned sessions)."""
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -68,6 +68,8 @@ class LiveSession:
         self.ended = False
         self._started_at: float | None = None
         self._frames_delivered = 0
+        self._start_timeout_s = settings.start_timeout_s
+        self._expiry: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -83,6 +85,18 @@ class LiveSession:
         except BaseException:
             await self.pipeline.close()
             raise
+        self._expiry = asyncio.create_task(self._expire_unstarted(), name=f"{self.session_id}:start-timeout")
+
+    async def _expire_unstarted(self) -> None:
+        """A session nobody starts must not hold its workers' slots for ever."""
+        await asyncio.sleep(self._start_timeout_s)
+        if self.started or self.ended:
+            return
+        _log.info("session_not_started", session_id=self.session_id, after_s=self._start_timeout_s)
+        await self.emit(pb.SessionEvent(error=pb.ErrorEvent(
+            code="start_timeout", message=f"not started within {self._start_timeout_s:g} s: ended")))
+        self._expiry = None  # end() must not cancel the task it runs in
+        await self.end()
 
     @property
     def placement(self) -> dict[str, str]:
@@ -97,6 +111,9 @@ class LiveSession:
         if self.started:
             return
         self.started = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._started_at = time.perf_counter()
         self._tasks = await SessionTasks.start(self.session_id, self._failed)
         self._run = self._tasks.spawn(self._run_runtime(), "runtime")
@@ -116,6 +133,9 @@ class LiveSession:
         """Stops the chunk clock, lets the publisher finish, releases every worker."""
         if self.ended and self._run is None:
             return
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self.runtime.stop()
         if self._run is not None:
             try:
