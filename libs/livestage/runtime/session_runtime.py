@@ -37,10 +37,6 @@ class AudioDelta:
     start_sample: int
     samples: np.ndarray  # float32 mono
 
-    @classmethod
-    def empty(cls) -> "AudioDelta":
-        return cls(0, np.zeros(0, np.float32))
-
 
 class AudioCursor:
     """Tracks how far a stream has been sent, so every sample is sent once."""

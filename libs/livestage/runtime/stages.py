@@ -164,16 +164,16 @@ class EncoderSession:
         window.restart_at(start_sample)
         window.push(samples)
 
-    def encode(self, chunk_index: int, directive: str) -> tuple[ChunkInputs, np.ndarray]:
-        """Chunk k's condition features and the 1 s of speech that plays with its frames."""
+    def encode(self, chunk_index: int, directive: str, played_chunk: int) -> tuple[ChunkInputs, np.ndarray]:
+        """Chunk k's condition features and the 1 s of speech that plays with its frames; then
+        forgets audio no window of a chunk from `played_chunk` (the one playing now) on needs."""
         speak = self.speak.window(chunk_index)
         inputs = self.encoder.encode_chunk(chunk_index, speak, self.listen.window(chunk_index), directive)
+        keep_from = min(played_chunk, chunk_index)
+        self.speak.trim_before(keep_from)
+        self.listen.trim_before(keep_from)
+        self.next_chunk_index = chunk_index + 1
         return inputs, speak[-self.encoder.preset.chunk.samples_per_chunk:]
-
-    def forget_before(self, chunk_index: int) -> None:
-        """Drops audio no window of chunk >= `chunk_index` needs (the chunk playing now)."""
-        self.speak.trim_before(chunk_index)
-        self.listen.trim_before(chunk_index)
 
 
 class _DiTStageSession:

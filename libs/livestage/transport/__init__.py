@@ -3,7 +3,6 @@ as raw bytes, W3C trace context in headers, and messages split to fit the server
 
 from livestage.transport.codec import (
     Envelope,
-    body_of,
     build,
     decode,
     encode,
@@ -17,6 +16,6 @@ from livestage.transport.codec import (
 from livestage.transport.nats_bus import Handler, NatsBus, NoRespondersError
 from livestage.transport.subjects import Subjects, safe_token
 
-__all__ = ["Envelope", "Handler", "NatsBus", "NoRespondersError", "Subjects", "body_of", "build", "decode",
+__all__ = ["Envelope", "Handler", "NatsBus", "NoRespondersError", "Subjects", "build", "decode",
            "encode", "error_envelope", "kind_of", "safe_token", "tensor", "to_numpy", "to_torch",
            "wrap"]

@@ -9,7 +9,7 @@ bfloat16 latents travel as their 2-byte patterns in the model's dtype.
     env = wrap(pb.RollbackStage(last_kept=3), session_id=sid, epoch=2)
     data = encode(env)                  # bytes for NATS, Redis or a Triton UINT8 tensor
     env = decode(data)                  # ValueError (never anything else) on malformed input
-    kind_of(env) == "rollback_stage"; body_of(env).last_kept == 3
+    kind_of(env) == "rollback_stage"; env.rollback_stage.last_kept == 3
 
 `tensor(x)` turns a numpy array or torch tensor into a `Tensor`; `to_numpy` / `to_torch` read one
 back, checking that dtype, shape and byte count agree.
@@ -23,7 +23,7 @@ import numpy as np
 
 from livestage.protos import stages_pb2 as spb
 
-__all__ = ["CODEC_VERSION", "Envelope", "body_of", "build", "decode", "encode", "error_envelope", "kind_of",
+__all__ = ["CODEC_VERSION", "Envelope", "build", "decode", "encode", "error_envelope", "kind_of",
            "message_headers", "tensor", "to_numpy", "to_torch", "wrap"]
 
 CODEC_VERSION = "2"
@@ -86,13 +86,6 @@ def build(cls: type, **fields: Any) -> Any:
 def kind_of(env: Envelope) -> str:
     """The body's field name ("chunk_request", "stage_error", ...), "" for an empty envelope."""
     return env.WhichOneof("body") or ""
-
-
-def body_of(env: Envelope) -> Any:
-    kind = kind_of(env)
-    if not kind:
-        raise ValueError("stage message has no body")
-    return getattr(env, kind)
 
 
 def error_envelope(message: str, field: str = "", like: Envelope | None = None) -> Envelope:
@@ -180,11 +173,12 @@ def to_torch(t: spb.Tensor, device: Any = "cpu", dtype: Any = None, name: str = 
     import torch
 
     shape, count, data = _checked(t, name)
+    writable = bytearray(data)  # the one copy: torch wants memory it may write to
     if t.dtype == spb.DTYPE_BFLOAT16:
-        out = (torch.frombuffer(bytearray(data), dtype=torch.bfloat16) if count else
+        out = (torch.frombuffer(writable, dtype=torch.bfloat16) if count else
                torch.empty(0, dtype=torch.bfloat16)).reshape(shape)
     else:
-        out = torch.from_numpy(to_numpy(t, name).copy())
+        out = torch.from_numpy(np.frombuffer(writable, dtype=_NP_BY_DTYPE[t.dtype]).reshape(shape))
     return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device)
 
 

@@ -58,7 +58,6 @@ class SessionAttachedWorker(Generic[S]):
         self.proc = proc
         self.settings = proc.settings
         self.log = proc.log
-        self.sessions: dict[str, S] = {}
         self._held: dict[str, _Held[S]] = {}
         self._work_sub: Any = None
         self._worker_sub: Any = None
@@ -69,6 +68,11 @@ class SessionAttachedWorker(Generic[S]):
     @property
     def bus(self) -> NatsBus:
         return self.proc.bus
+
+    @property
+    def sessions(self) -> dict[str, S]:
+        """The sessions held now, by id."""
+        return {sid: held.session for sid, held in self._held.items()}
 
     @property
     def worker_id(self) -> str:
@@ -95,7 +99,7 @@ class SessionAttachedWorker(Generic[S]):
         self._worker_sub = await self.bus.subscribe(self.proc.subject, self._on_worker_msg)
 
     def sessions_held(self) -> int | None:
-        return len(self.sessions)
+        return len(self._held)
 
     async def drain(self) -> None:
         """SIGTERM: stop taking sessions, then end the ones held (recordings are finalised)."""
@@ -168,7 +172,6 @@ class SessionAttachedWorker(Generic[S]):
                 return
             control = await self.bus.subscribe(Subjects.control(sid), self._control_handler(sid))
             self._held[sid] = _Held(session, tasks, control)
-            self.sessions[sid] = session
             self.proc.beat_soon()
             self.log.info("session_attached", session_id=sid, stage=self.stage)
             attached.worker_id = self.worker_id
@@ -186,7 +189,6 @@ class SessionAttachedWorker(Generic[S]):
     async def detach(self, session_id: str, last_chunk: int, *, rejoin: bool = True) -> spb.SessionDetached:
         """Lets go of a session (idempotent: an unknown session answers an empty reply)."""
         held = self._held.pop(session_id, None)
-        self.sessions.pop(session_id, None)
         detached = spb.SessionDetached()
         if held is None:
             return detached

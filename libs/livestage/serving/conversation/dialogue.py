@@ -317,9 +317,9 @@ class DialogueSession:
                     await self.turn(pb.TURN_KIND_REPLY_STARTED, reply_id)
                 seq += 1
                 audio = resample_audio(np.asarray(event.audio, np.float32), event.sample_rate, self.sample_rate)
-                await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), wrap(
-                    build(spb.SpeakAudio, reply=reply_id, seq=seq, sample_rate=self.sample_rate,
-                                   audio=tensor(np.asarray(audio, np.float32))), self.session_id))
+                body = build(spb.SpeakAudio, reply=reply_id, seq=seq, sample_rate=self.sample_rate,
+                             audio=tensor(np.asarray(audio, np.float32)))
+                await self.worker.bus.publish(Subjects.session_speak_audio(self.session_id), wrap(body, self.session_id))
             elif event.kind == "transcript":
                 await self.transcript(event.text, True, "user")
             elif event.kind == "reply_text":

@@ -212,15 +212,13 @@ class PublishedSession:
             answer = await self.worker.bus.request(Subjects.session_commands(self.session_id), request,
                                                    timeout=INTERRUPT_REQUEST_TIMEOUT_S)
         except TimeoutError as exc:  # NoRespondersError included
-            answer = None
             error = repr(exc)
         else:
-            error = "" if kind_of(answer) == "interrupt_done" else \
-                (answer.stage_error.message if kind_of(answer) == "stage_error" else f"answered {kind_of(answer)!r}")
-        if not error:
-            self.log.info("session_interrupted", session_id=self.session_id,
-                          last_kept_chunk=answer.interrupt_done.last_kept if answer is not None else -1)
-            return
+            if kind_of(answer) == "interrupt_done":
+                self.log.info("session_interrupted", session_id=self.session_id,
+                              last_kept_chunk=answer.interrupt_done.last_kept)
+                return
+            error = answer.stage_error.message if kind_of(answer) == "stage_error" else kind_of(answer)
         # The session did not roll back: its frames of this epoch stay valid, so stop dropping them
         # (the video would freeze otherwise).
         self.log.warning("interrupt_request_failed", session_id=self.session_id, error=error)

@@ -169,9 +169,7 @@ class EncoderEngine(StageEngine):
         for stream, part in (("speak", req.speak), ("listen", req.listen)):
             if part.HasField("samples"):
                 session.receive(stream, part.start_sample, wire.audio_from_slice(part, stream))
-        inputs, playback = session.encode(env.chunk_index, req.directive)
-        session.forget_before(min(req.played_chunk, env.chunk_index))
-        session.next_chunk_index = env.chunk_index + 1
+        inputs, playback = session.encode(env.chunk_index, req.directive, req.played_chunk)
         return build(spb.ChunkComputed, encoded=build(spb.EncodedChunk, conditions=wire.conditions_to_pb(inputs),
                                                           playback_audio=tensor(playback)))
 
