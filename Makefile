@@ -56,8 +56,10 @@ bench-conversation: setup ## whole stack: end of user speech -> first answer fra
 chart-check: setup ## render the Helm chart with every values file and validate it strictly
 	@$(PY) -m pytest -q -p no:cacheprovider tests/deploy -k "chart or values or pods or images or broken"
 
-compose-check: setup ## validate docker-compose.yml with the Compose v2 binary
-	@$$($(PY) -c 'import compose,os;print(os.path.join(os.path.dirname(compose.__file__),"docker-compose"))') -f docker-compose.yml config -q && echo "docker-compose.yml: valid"
+compose-check: setup ## validate docker-compose.yml with the Compose v2 binary (with throwaway credentials)
+	@tmp=$$(mktemp -d) && ENV_FILE=$$tmp/.env STATE_DIR=$$tmp/state bash deploy/compose-env.sh && \
+	  $$($(PY) -c 'import compose,os;print(os.path.join(os.path.dirname(compose.__file__),"docker-compose"))') \
+	  --env-file $$tmp/.env -f docker-compose.yml config -q && echo "docker-compose.yml: valid"; rc=$$?; rm -rf $$tmp; exit $$rc
 
 images: ## build the service images (needs a Docker engine): CPU, CUDA, Triton
 	docker build -t livestage:cpu .

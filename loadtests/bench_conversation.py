@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from livestage.client import session_channel
 from livestage.devstack.demo import SampleCharacter, drive_demo
 from livestage.devstack.stack import LocalStack
 from livestage.protos import session_pb2 as pb
@@ -27,11 +28,9 @@ async def _speaking(client, sid: str) -> bool:
     return s.state == pb.SESSION_STATE_RESPONDING
 
 
-async def barge_in_once(address: str) -> dict:
-    import grpc
-
+async def barge_in_once(address: str, api_key: str) -> dict:
     sample = SampleCharacter.load()
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with session_channel(address, api_key) as ch:
         client = session_pb2_grpc.SessionServiceStub(ch)
         s = await client.CreateSession(pb.CreateSessionRequest(
             character=pb.Character(references=[pb.ReferenceImage(kind=pb.REFERENCE_KIND_GLOBAL, image=sample.image)],
@@ -105,8 +104,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(args.workdir or tmp), preset=args.preset, conversation=True) as stack:
         answers, barges = [], []
         for i in range(args.runs):
-            barges.append(asyncio.run(barge_in_once(stack.session_address)))
-            summary = asyncio.run(drive_demo(stack.session_address, Path(tmp) / f"run{i}.mp4", echo=False))
+            barges.append(asyncio.run(barge_in_once(stack.session_address, stack.api_key)))
+            summary = asyncio.run(drive_demo(stack.session_address, Path(tmp) / f"run{i}.mp4",
+                                                api_key=stack.api_key, echo=False))
             answers.append(summary)
     latency = [a["end_of_user_speech_to_first_answer_frame_s"] for a in answers if a["end_of_user_speech_to_first_answer_frame_s"]]
     print(json.dumps({

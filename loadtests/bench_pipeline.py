@@ -30,7 +30,8 @@ from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
 from livestage.runtime.pipeline import InProcessChunkPipeline
 from livestage.runtime.session_runtime import SessionRuntime
-from livestage.transport import NatsBus, Subjects
+from livestage.client import session_channel
+from livestage.transport import Subjects
 
 
 def nats_traffic(stack: LocalStack) -> dict[str, int]:
@@ -74,9 +75,9 @@ async def run_inprocess(preset_name: str, chunks: int) -> dict:
 
 async def run_distributed(stack: LocalStack, preset_name: str, chunks: int) -> dict:
     preset = get_preset(preset_name)
-    channel = __import__("grpc").aio.insecure_channel(stack.session_address)
+    channel = session_channel(stack.session_address, stack.api_key)
     client = session_pb2_grpc.SessionServiceStub(channel)
-    bus = await NatsBus.connect(stack.nats.url)
+    bus = await stack.connect_bus()
     import io
 
     from PIL import Image

@@ -3,6 +3,7 @@
     livestage render --image face.png --speak speech.wav [--listen user.wav] --out clip.mp4
     livestage render --sample --out clip.mp4          # bundled sample character and voice
     livestage checkpoint verify FILE [--tolerance 1e-4]
+    livestage tenant add NAME [--file tenants.yaml]   # a new API key (printed once) and its entry
 
 Errors are one line on stderr (`livestage: error: ...`) with exit status 2; a parity check
 beyond tolerance exits 1.
@@ -103,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify = ckpt_sub.add_parser("verify", help="compare our model with a reference parity archive")
     verify.add_argument("file", type=Path)
     verify.add_argument("--tolerance", type=float, default=None)
+
+    tenant = sub.add_parser("tenant", help="tenants of the session API (LIVESTAGE_TENANTS_FILE)")
+    tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True)
+    add = tenant_sub.add_parser("add", help="make a new API key for a tenant: prints the key (shown once) "
+                                            "and the tenants-file entry holding only its digest")
+    add.add_argument("name", help="tenant id: lowercase letters, digits and '-'")
+    add.add_argument("--file", type=Path, help="also add the entry to this tenants file (created if missing)")
+    add.add_argument("--max-sessions", type=int, default=4)
+    add.add_argument("--max-session-seconds", type=int, default=3600)
     return parser
 
 
@@ -238,6 +248,38 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenant_add(args: argparse.Namespace) -> int:
+    """Prints `key: <key>` and the YAML entry; with --file, adds the entry there (the file is
+    validated as a whole first, so a typo never locks every tenant out)."""
+    import yaml
+
+    from livestage.security.tenants import TenantFileError, new_key, parse_tenants, tenant_entry
+
+    key = new_key()
+    entry = tenant_entry(args.name, key, args.max_sessions, args.max_session_seconds)
+    try:
+        parse_tenants(yaml.safe_dump({"tenants": [entry]}), "tenant")
+    except TenantFileError as exc:
+        raise CliError(str(exc).replace("tenant: tenants[0].", "")) from None
+    if args.file is not None:
+        doc = {"tenants": []}
+        if args.file.exists():
+            doc = yaml.safe_load(args.file.read_text()) or {"tenants": []}
+            parse_tenants(args.file.read_text(), str(args.file))  # the existing file must be valid
+        doc.setdefault("tenants", [])
+        if any(t.get("id") == args.name for t in doc["tenants"]):
+            raise CliError(f"{args.file}: tenant {args.name!r} exists; rotate its key by editing key_sha256")
+        doc["tenants"].append(entry)
+        text = yaml.safe_dump(doc, sort_keys=False)
+        parse_tenants(text, str(args.file))
+        tmp = args.file.with_name(args.file.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.file)  # atomic: the session API never reads half a file
+    print(f"key: {key}")
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -257,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "checkpoint" and args.checkpoint_command == "verify":
             return cmd_checkpoint_verify(args)
+        if args.command == "tenant" and args.tenant_command == "add":
+            return cmd_tenant_add(args)
     except CliError as exc:
         print(f"livestage: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from livestage.client import session_channel
 from livestage.media.samples import sample_speech
 from livestage.protos import session_pb2 as pb
 from livestage.protos import session_pb2_grpc
@@ -80,8 +81,9 @@ class FramesListener:
         return [c[0] for c in self.chunks]
 
 
-def stub(address: str) -> tuple[grpc.aio.Channel, session_pb2_grpc.SessionServiceStub]:
-    channel = grpc.aio.insecure_channel(address)
+def stub(stack, api_key: str | None = None) -> tuple[grpc.aio.Channel, session_pb2_grpc.SessionServiceStub]:
+    """A channel and stub to the stack's session API with the dev tenant's key (or `api_key`)."""
+    channel = session_channel(stack.session_address, stack.api_key if api_key is None else api_key)
     return channel, session_pb2_grpc.SessionServiceStub(channel)
 
 

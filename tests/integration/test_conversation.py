@@ -130,8 +130,8 @@ def _locate(haystack: np.ndarray, needle: np.ndarray) -> tuple[int, float]:
 
 
 async def test_spoken_question_is_answered_with_tts_speech_in_sync_in_the_recording(talk_stack):
-    channel, client = stub(talk_stack.session_address)
-    bus = await NatsBus.connect(talk_stack.nats.url)
+    channel, client = stub(talk_stack)
+    bus = await talk_stack.connect_bus()
     sid = await _open(client)
     tap = await SpeakAudioTap().start(bus, sid)
     events = Events(client, sid)
@@ -175,7 +175,7 @@ async def test_spoken_question_is_answered_with_tts_speech_in_sync_in_the_record
 
 
 async def test_barge_in_interrupts_the_answer_and_the_new_question_is_heard(talk_stack):
-    channel, client = stub(talk_stack.session_address)
+    channel, client = stub(talk_stack)
     sid = await _open(client)
     events = Events(client, sid)
     await client.StartSession(pb.SessionRef(session_id=sid))
@@ -202,7 +202,7 @@ async def test_barge_in_interrupts_the_answer_and_the_new_question_is_heard(talk
 
 
 async def test_bad_user_audio_gets_clear_errors_and_the_session_survives(talk_stack):
-    channel, client = stub(talk_stack.session_address)
+    channel, client = stub(talk_stack)
     sid = await _open(client, realtime=False)
     events = Events(client, sid)
     await client.StartSession(pb.SessionRef(session_id=sid))
@@ -234,7 +234,8 @@ async def test_bad_user_audio_gets_clear_errors_and_the_session_survives(talk_st
 
 
 def test_the_main_job_leaves_an_mp4_and_latencies(talk_stack, tmp_path):
-    summary = asyncio.run(drive_demo(talk_stack.session_address, tmp_path / "demo.mp4", timeout_s=180, echo=False))
+    summary = asyncio.run(drive_demo(talk_stack.session_address, tmp_path / "demo.mp4", api_key=talk_stack.api_key,
+                                     timeout_s=180, echo=False))
     assert summary["out"] and (tmp_path / "demo.mp4").stat().st_size > 0
     assert summary["end_of_user_speech_to_first_answer_frame_s"] is not None
     assert 0 < summary["end_of_user_speech_to_first_answer_frame_s"] < 60
@@ -252,7 +253,7 @@ def test_viewer_tokens_are_subscribe_only_and_an_unreachable_livekit_is_a_clear_
         s.wait_for_workers({"publisher": 1}, timeout=60)
 
         async def run():
-            channel, client = stub(s.session_address)
+            channel, client = stub(s)
             # the publisher cannot join a room on a LiveKit server that is not there
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.CreateSession(pb.CreateSessionRequest(character=character(), livekit_room="room-7"))
@@ -263,8 +264,9 @@ def test_viewer_tokens_are_subscribe_only_and_an_unreachable_livekit_is_a_clear_
             assert sess.livekit_url == "wss://live.example"
             tok = await client.CreateViewerToken(pb.ViewerTokenRequest(session_id=sess.session_id, identity="alice"))
             claims = api.TokenVerifier(key, secret).verify(tok.token)
-            assert tok.room == "room-7" and tok.livekit_url == "wss://live.example"
-            assert claims.identity == "alice" and claims.video.room == "room-7" and claims.video.can_subscribe
+            # rooms are namespaced by tenant; a failed create gave its room back
+            assert tok.room == sess.livekit_room == "dev_room-7" and tok.livekit_url == "wss://live.example"
+            assert claims.identity == "alice" and claims.video.room == "dev_room-7" and claims.video.can_subscribe
             assert not claims.video.can_publish and not claims.video.can_publish_data
             for bad, field in ((pb.ViewerTokenRequest(session_id=sess.session_id), "identity"),
                                (pb.ViewerTokenRequest(session_id=sess.session_id, identity="a", ttl_s=5), "ttl_s")):
@@ -277,7 +279,7 @@ def test_viewer_tokens_are_subscribe_only_and_an_unreachable_livekit_is_a_clear_
 
 
 async def test_viewer_tokens_need_livekit(talk_stack):
-    channel, client = stub(talk_stack.session_address)
+    channel, client = stub(talk_stack)
     sid = await _open(client)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.CreateViewerToken(pb.ViewerTokenRequest(session_id=sid, identity="alice"))

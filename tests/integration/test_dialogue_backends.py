@@ -60,7 +60,7 @@ def openai_stack(tmp_path_factory):
 
 async def test_replies_stream_from_an_openai_compatible_endpoint_and_are_spoken(openai_stack):
     requests = openai_stack.endpoint.requests
-    channel, client = stub(openai_stack.session_address)
+    channel, client = stub(openai_stack)
     try:
         sid = await _open(client)
         events = Events(client, sid)
@@ -123,7 +123,7 @@ def a2a_stack(tmp_path_factory):
 
 async def test_an_external_audio_to_audio_system_hears_the_user_and_speaks_for_the_character(a2a_stack):
     heard = a2a_stack.system.heard
-    channel, client = stub(a2a_stack.session_address)
+    channel, client = stub(a2a_stack)
     try:
         sid = await _open(client)
         events = Events(client, sid)

@@ -27,8 +27,8 @@ async def _session(client, color=(200, 150, 120), realtime=False, lookahead=2) -
 
 
 async def test_chunks_arrive_in_order_with_shapes_and_two_sessions_do_not_mix(stack):
-    channel, client = stub(stack.session_address)
-    bus = await NatsBus.connect(stack.nats.url)
+    channel, client = stub(stack)
+    bus = await stack.connect_bus()
     a = await _session(client, (250, 20, 20))
     b = await _session(client, (20, 20, 250))
     la, lb = await FramesListener(bus, a).start(), await FramesListener(bus, b).start()
@@ -57,8 +57,8 @@ async def test_chunks_arrive_in_order_with_shapes_and_two_sessions_do_not_mix(st
 
 
 async def test_failover_after_sigkill_of_the_generator_keeps_chunks_continuous(stack):
-    channel, client = stub(stack.session_address)
-    bus = await NatsBus.connect(stack.nats.url)
+    channel, client = stub(stack)
+    bus = await stack.connect_bus()
     sid = await _session(client)
     listener = await FramesListener(bus, sid).start()
     await client.StartSession(pb.SessionRef(session_id=sid))
@@ -88,8 +88,8 @@ async def test_failover_after_sigkill_of_the_generator_keeps_chunks_continuous(s
 async def test_failover_of_the_encoder_keeps_the_audio_it_held(stack):
     stack.start_stage("encoder", "encoder-2")
     await asyncio.to_thread(stack.wait_for_workers, {"encoder": 2}, 60)
-    channel, client = stub(stack.session_address)
-    bus = await NatsBus.connect(stack.nats.url)
+    channel, client = stub(stack)
+    bus = await stack.connect_bus()
     sid = await _session(client)
     listener = await FramesListener(bus, sid).start()
     await client.StartSession(pb.SessionRef(session_id=sid))
@@ -112,8 +112,8 @@ async def test_failover_of_the_encoder_keeps_the_audio_it_held(stack):
 
 
 async def test_interrupt_drops_speech_within_a_chunk_and_goes_back_to_listening(stack):
-    channel, client = stub(stack.session_address)
-    bus = await NatsBus.connect(stack.nats.url)
+    channel, client = stub(stack)
+    bus = await stack.connect_bus()
     sid = await _session(client, realtime=True, lookahead=2)
     listener = await FramesListener(bus, sid).start()
     events: list[pb.SessionEvent] = []
@@ -150,8 +150,8 @@ async def test_interrupt_drops_speech_within_a_chunk_and_goes_back_to_listening(
 
 
 async def test_bad_input_gets_a_clear_status_and_other_sessions_keep_working(stack):
-    channel, client = stub(stack.session_address)
-    bus = await NatsBus.connect(stack.nats.url)
+    channel, client = stub(stack)
+    bus = await stack.connect_bus()
     healthy = await _session(client)
     listener = await FramesListener(bus, healthy).start()
     await client.StartSession(pb.SessionRef(session_id=healthy))
@@ -237,7 +237,7 @@ async def test_health_checks_and_graceful_shutdown_of_a_worker(stack):
 
 
 async def test_calls_on_an_ended_session_and_bad_character_fields_get_clear_statuses(stack):
-    channel, client = stub(stack.session_address)
+    channel, client = stub(stack)
 
     async def status_of(coro):
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -275,7 +275,7 @@ async def test_calls_on_an_ended_session_and_bad_character_fields_get_clear_stat
 
 
 async def test_sessions_nobody_starts_end_by_themselves_and_free_their_slots(stack):
-    channel, client = stub(stack.session_address)
+    channel, client = stub(stack)
     held: list[str] = []
     refused = None
     for _ in range(12):  # fill the single refiner/decoder (4 slots each) with unstarted sessions

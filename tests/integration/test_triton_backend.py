@@ -45,8 +45,8 @@ async def _in_process_frames(n: int) -> list[np.ndarray]:
 
 
 async def test_services_on_triton_stream_what_the_in_process_runtime_makes(triton_stack):
-    channel, client = stub(triton_stack.session_address)
-    bus = await NatsBus.connect(triton_stack.nats.url)
+    channel, client = stub(triton_stack)
+    bus = await triton_stack.connect_bus()
     s = await client.CreateSession(pb.CreateSessionRequest(
         character=character(), options=pb.SessionOptions(realtime=False, seed=0)))
     listener = await FramesListener(bus, s.session_id).start()

@@ -48,10 +48,30 @@ class Settings(BaseSettings):
     """Largest NATS message body the transport sends in one piece; bigger ones are split. The
     server's own `max_payload` (8 MB in our nats.conf, 1 MB by default) caps it further."""
 
+    nats_user: str = ""
+    """NATS user of this service (its subject permissions: `livestage.security.nats_permissions`)."""
+    nats_password: str = ""
+    nats_tls_ca: str = ""
+    """CA bundle that signed the NATS server's certificate: set it to require TLS to NATS."""
+    redis_username: str = ""
+    """Redis ACL user (the URL may carry it too); the password comes from `redis_password`."""
+    redis_password: str = ""
+    redis_tls_ca: str = ""
+    """CA bundle of the Redis server's certificate: set it to require TLS (`rediss://`)."""
+
     # endpoints
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(0, ge=0, le=65535)
     """0 picks a free port (written to the log and to Redis)."""
+    grpc_max_message_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    """Largest gRPC message a server receives or sends (larger ones: RESOURCE_EXHAUSTED)."""
+    grpc_reflection: bool = False
+    """Serve gRPC reflection (lets anyone who reaches the port list every method): off by default."""
+    grpc_tls_cert: str = ""
+    """PEM certificate chain of the gRPC server; with `grpc_tls_key` the port speaks TLS."""
+    grpc_tls_key: str = ""
+    grpc_tls_client_ca: str = ""
+    """PEM CA of client certificates: set it to require mutual TLS."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """0 disables the Prometheus endpoint."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -118,6 +138,11 @@ class Settings(BaseSettings):
         if self.backend == "triton" and not self.triton_url:
             raise ValueError(f"{env_name('triton_url')} is required when "
                              f"{env_name('backend')}=triton")
+        if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
+            raise ValueError(f"{env_name('grpc_tls_cert')} and {env_name('grpc_tls_key')} go together")
+        if self.grpc_tls_client_ca and not self.grpc_tls_cert:
+            raise ValueError(f"{env_name('grpc_tls_client_ca')} needs {env_name('grpc_tls_cert')} "
+                             f"and {env_name('grpc_tls_key')}")
         if self.livekit_url and not (self.livekit_api_key and self.livekit_api_secret):
             raise ValueError(f"{env_name('livekit_api_key')} and {env_name('livekit_api_secret')} "
                              f"are required when {env_name('livekit_url')} is set")

@@ -6,8 +6,35 @@ import argparse
 import signal
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from livestage.devstack.stack import LocalStack
+
+
+def _host_port(url: str) -> str:
+    """`host:port` of a URL, without the user and password it may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+def banner(stack: LocalStack) -> list[str]:
+    """What `make up` prints: where everything is, and no password or key (the dev key is named
+    by its file; the playground link carries a one-time ticket, not the key)."""
+    lines = [f"nats:    {_host_port(stack.nats.url)}" if stack.nats else "nats:    -",
+             f"redis:   {_host_port(stack.redis.url)}" if stack.redis else "redis:   -",
+             f"session: {stack.session_address} (gRPC SessionService, needs an API key)"]
+    creds = stack.credentials
+    if creds is not None and creds.api_key_file is not None:
+        lines.append(f"api key: {creds.api_key_file} (the dev tenant's key: "
+                     f"`authorization: Bearer $(cat {creds.api_key_file})`)")
+    else:
+        lines.append("api key: the tenants file is the operator's (LIVESTAGE_TENANTS_FILE): use one of its keys")
+    login_url = stack.playground_login_url
+    if stack.playground and login_url:
+        once = " (a one-time link that logs this browser in)" if "ticket=" in login_url else " (log in with a key)"
+        lines.append(f"playground: {login_url}{once}")
+    lines.append(f"logs:    {stack.workdir / 'logs'}")
+    return lines
 
 
 def main() -> None:
@@ -25,11 +52,7 @@ def main() -> None:
                        conversation=not args.no_conversation, playground=True,
                        playground_port=args.playground_port).start()
     try:
-        print(f"nats:    {stack.nats.url}")
-        print(f"redis:   {stack.redis.url}")
-        print(f"session: {stack.session_address} (gRPC SessionService)")
-        print(f"playground: http://127.0.0.1:{stack.playground_port}/ (open a session, talk to it)")
-        print(f"logs:    {args.workdir / 'logs'}")
+        print("\n".join(banner(stack)))
         print("Ctrl-C stops everything.", flush=True)
         stop.wait()
     finally:

@@ -196,9 +196,12 @@ def _with_port_retries(start: Callable[[int], RunningServer], port: int | None,
 
 def write_nats_config(path: Path, port: int, *, max_payload: int | str = "8MB",
                       monitor_port: int | None = None, store_dir: Path | None = None,
-                      server_name: str | None = None) -> Path:
-    """A nats.conf for one loopback server (`max_payload` is config-only: there is no flag)."""
+                      server_name: str | None = None, authorization: str = "") -> Path:
+    """A nats.conf for one loopback server (`max_payload` is config-only: there is no flag).
+    `authorization` is an `authorization { ... }` block (users and their permissions)."""
     lines = [f"listen: 127.0.0.1:{port}", f"max_payload: {max_payload}"]
+    if authorization:
+        lines.append(authorization.rstrip("\n"))
     if server_name:
         lines.append(f"server_name: {server_name}")
     if monitor_port:
@@ -207,6 +210,7 @@ def write_nats_config(path: Path, port: int, *, max_payload: int | str = "8MB",
         lines.append(f'jetstream {{ store_dir: "{store_dir}", max_memory_store: 64MB, '
                      f'max_file_store: 256MB }}')
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # it may hold passwords
     return path
 
 
@@ -220,10 +224,11 @@ def _nats_ready(monitor_port: int, server_name: str) -> bool:
 
 
 def start_nats(workdir: Path, *, max_payload: int | str = "8MB", jetstream: bool = True,
-               port: int | None = None, timeout: float = 20.0) -> RunningServer:
+               port: int | None = None, timeout: float = 20.0, authorization: str = "") -> RunningServer:
     """Starts nats-server with a config file in `workdir`; `.url` is `nats://127.0.0.1:<port>`.
 
     Ready means `/healthz` answers ok, which with JetStream on also means JetStream is up.
+    `authorization` (see `write_nats_config`) makes every client log in as one of its users.
     """
     binary = find_binary("nats-server")
     workdir = Path(workdir).resolve()  # the server runs with cwd=workdir: paths must not be relative
@@ -234,7 +239,8 @@ def start_nats(workdir: Path, *, max_payload: int | str = "8MB", jetstream: bool
         name = f"ls-test-{uuid.uuid4().hex[:12]}"
         conf = write_nats_config(workdir / f"nats-{p}.conf", p, max_payload=max_payload,
                                  monitor_port=monitor, server_name=name,
-                                 store_dir=(workdir / f"js-{p}") if jetstream else None)
+                                 store_dir=(workdir / f"js-{p}") if jetstream else None,
+                                 authorization=authorization)
         return _spawn("nats-server", [binary, "-c", str(conf)], workdir, p,
                       f"nats://127.0.0.1:{p}", lambda: _nats_ready(monitor, name), timeout,
                       {"config": conf, "monitor_port": monitor, "server_name": name})
@@ -242,9 +248,17 @@ def start_nats(workdir: Path, *, max_payload: int | str = "8MB", jetstream: bool
     return _with_port_retries(attempt, port)
 
 
-def _redis_ready(port: int, pid: int) -> bool:
+def _resp_command(*args: str) -> bytes:
+    return f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+
+
+def _redis_ready(port: int, pid: int, login: tuple[str, str] | None = None) -> bool:
     """INFO server over raw RESP (a bulk string `$<len>\\r\\n<text>\\r\\n`); True if the pid is ours."""
     with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        if login is not None:
+            s.sendall(_resp_command("AUTH", *login))
+            if not s.recv(256).startswith(b"+OK"):
+                return False
         s.sendall(b"INFO server\r\n")
         data = b""
         while b"\r\n" not in data:
@@ -267,18 +281,46 @@ def _redis_ready(port: int, pid: int) -> bool:
     return False
 
 
-def start_redis(workdir: Path, *, port: int | None = None, timeout: float = 20.0) -> RunningServer:
-    """Starts redis-server without persistence; `.url` is `redis://127.0.0.1:<port>/0`."""
+REDIS_ACL_RULES = "~ls:* &* +@all -@dangerous +info"
+"""What a LiveStage service may do in Redis: any command on its own `ls:` keys, none of the
+dangerous ones (FLUSHALL, CONFIG, KEYS, DEBUG, ...; INFO is allowed for health checks)."""
+
+
+def write_redis_acl(path: Path, users: dict[str, str]) -> Path:
+    """An ACL file: the default (password-less) user off, each user with `REDIS_ACL_RULES`."""
+    lines = ["user default off"]
+    for name, password in users.items():
+        if not name.isidentifier() and not name.replace("-", "").isalnum():
+            raise ValueError(f"bad Redis user name {name!r}")
+        if any(c.isspace() for c in password) or not password:
+            raise ValueError("Redis passwords must be non-empty and without whitespace")
+        lines.append(f"user {name} on >{password} {REDIS_ACL_RULES}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def start_redis(workdir: Path, *, port: int | None = None, timeout: float = 20.0,
+                users: dict[str, str] | None = None) -> RunningServer:
+    """Starts redis-server without persistence; `.url` is `redis://127.0.0.1:<port>/0`.
+
+    With `users` (name -> password) the default user is off and the first user's credentials are
+    in `.url` (`redis://<user>:<password>@...`); clients without them get NOAUTH.
+    """
     binary = find_binary("redis-server")
     workdir = Path(workdir).resolve()  # the server runs with cwd=workdir: paths must not be relative
     workdir.mkdir(parents=True, exist_ok=True)
+    login = next(iter(users.items())) if users else None
 
     def attempt(p: int) -> RunningServer:
         argv = [binary, "--bind", "127.0.0.1", "--port", str(p), "--save", "", "--appendonly",
                 "no", "--dir", str(workdir), "--logfile", "", "--daemonize", "no"]
+        if users:
+            argv += ["--aclfile", str(write_redis_acl(workdir / f"users-{p}.acl", users))]
         holder: list[RunningServer] = []
-        return _spawn("redis-server", argv, workdir, p, f"redis://127.0.0.1:{p}/0",
-                      lambda: _redis_ready(p, holder[0].proc.pid) if holder else False, timeout,
+        cred = f"{login[0]}:{login[1]}@" if login else ""
+        return _spawn("redis-server", argv, workdir, p, f"redis://{cred}127.0.0.1:{p}/0",
+                      lambda: _redis_ready(p, holder[0].proc.pid, login) if holder else False, timeout,
                       holder=holder)
 
     return _with_port_retries(attempt, port)

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
+from livestage.client import session_channel
 from livestage.devstack.stack import LocalStack
 from livestage.media.samples import SampleCharacter
 from livestage.protos import session_pb2 as pb
@@ -120,7 +120,7 @@ async def _push_user_audio(stub, session_id: str, audio: np.ndarray, run: DemoRu
     await stub.PushUserAudio(frames())
 
 
-async def drive_demo(address: str, out: Path, *, lead_in_s: float = 1.0, timeout_s: float = 180.0,
+async def drive_demo(address: str, out: Path, *, api_key: str, lead_in_s: float = 1.0, timeout_s: float = 180.0,
                      echo: bool = True) -> dict:
     """Runs one conversation against a running stack; returns the summary (also the MP4 path)."""
     character = SampleCharacter.load()
@@ -128,11 +128,10 @@ async def drive_demo(address: str, out: Path, *, lead_in_s: float = 1.0, timeout
     audio = np.concatenate([lead, character.question])
     speech_end = speech_end_s(audio)
     run = DemoRun()
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+    async with session_channel(address, api_key) as ch:
         stub = session_pb2_grpc.SessionServiceStub(ch)
         session = await stub.CreateSession(pb.CreateSessionRequest(
-            character=character_proto(character),
-            livekit_room="livestage-demo", options=pb.SessionOptions(seed=0, realtime=True)))
+            character=character_proto(character), options=pb.SessionOptions(seed=0, realtime=True)))
         sid = session.session_id
         events = stub.StreamEvents(pb.SessionRef(session_id=sid))
 
@@ -183,6 +182,11 @@ def run_demo(preset: str = "demo", out: str | Path = "out/demo.mp4",
         shutil.rmtree(workdir)
     print(f"[demo] starting nats, redis and every service (preset {preset})...", flush=True)
     with LocalStack(workdir, preset=preset, conversation=True) as stack:
-        summary = asyncio.run(drive_demo(stack.session_address, Path(out), timeout_s=timeout_s))
+        if not stack.api_key:
+            raise RuntimeError("LIVESTAGE_TENANTS_FILE is set: set LIVESTAGE_API_KEY to one of its tenants' keys")
+        if stack.credentials is not None and stack.credentials.api_key_file is not None:
+            print(f"[demo] development API key: {stack.credentials.api_key_file}", flush=True)
+        summary = asyncio.run(drive_demo(stack.session_address, Path(out), api_key=stack.api_key,
+                                         timeout_s=timeout_s))
     print(json.dumps(summary), flush=True)
     return summary

@@ -19,7 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from livestage.media.errors import MediaError
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Checked from the header before any pixel is decoded (a 4096x4096 RGB image is 48 MiB)."""
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+"""The formats accepted: PIL's other decoders (TIFF, PSD, EPS via Ghostscript, ...) are attack
+surface a reference photo does not need."""
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -43,7 +47,7 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
 
 
 def decode_image(data: bytes, size: tuple[int, int] | None = None, name: str = "image") -> torch.Tensor:
-    """Encoded image bytes (PNG, JPEG, WebP...) -> [3, H, W] float in [-1, 1].
+    """Encoded image bytes (PNG, JPEG or WebP) -> [3, H, W] float in [-1, 1].
 
     `size` is (height, width): the image is centre-cropped to that aspect ratio, then resized.
     `name` (a path, or a request field) starts every error message.
@@ -55,9 +59,10 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, name: str = "
     if len(data) > MAX_IMAGE_BYTES:
         raise MediaError(f"{name}: image is {len(data)} bytes, more than {MAX_IMAGE_BYTES}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise MediaError(f"{name}: image is {img.width}x{img.height}, too large")
+                raise MediaError(f"{name}: image is {img.width}x{img.height}, more than "
+                                 f"{MAX_IMAGE_PIXELS} pixels")
             img.seek(0)  # animations: the first frame
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -66,7 +71,9 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, name: str = "
         raise
     except Image.DecompressionBombError:
         raise MediaError(f"{name}: image is too large (more than {MAX_IMAGE_PIXELS} pixels)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:
+        raise MediaError(f"{name}: not a readable image (PNG, JPEG or WebP)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MediaError(f"{name}: not a readable image ({type(exc).__name__})") from None
     if size is not None:
         rgb = _center_crop_resize(rgb, size)

@@ -93,6 +93,11 @@ class Mp4RecorderSink:
         return self._aligner.drift_samples if self._aligner else 0
 
 
+MAX_QUEUED_CHUNKS = 16
+"""Chunks waiting for the rtc SDK: beyond this `write` waits (the session's publisher slows down,
+nothing grows without bound)."""
+
+
 class LiveKitSink:
     """Publishes `avatar_audio` (microphone) and `avatar_video` (camera) through the rtc SDK's
     `AVSynchronizer`, which paces video at the fps and lets the audio source's queue provide
@@ -104,7 +109,7 @@ class LiveKitSink:
         self.room = room
         self.audio_queue_ms = audio_queue_ms
         self.on_played: OnPlayed | None = None
-        self._queue: asyncio.Queue[AVChunk] = asyncio.Queue()
+        self._queue: asyncio.Queue[AVChunk] = asyncio.Queue(maxsize=MAX_QUEUED_CHUNKS)
         self._pump: asyncio.Task | None = None
         self._published = False
         self._frames_pushed = 0
@@ -153,10 +158,14 @@ class LiveKitSink:
     async def write(self, chunk: AVChunk) -> None:
         """Queues a chunk for the pump; raises once the pump has died (the publisher's writer,
         and with it the session's task group, then ends the session with a clear reason)."""
-        if self._pump is not None and self._pump.done():
-            failure = None if self._pump.cancelled() else self._pump.exception()
-            raise RuntimeError(f"LiveKit publishing stopped: {failure!r}")
         chunk.validate()
+        while True:
+            if self._pump is not None and self._pump.done():
+                failure = None if self._pump.cancelled() else self._pump.exception()
+                raise RuntimeError(f"LiveKit publishing stopped: {failure!r}")
+            if not self._queue.full():
+                break
+            await asyncio.sleep(0.02)  # back-pressure: LiveKit takes the frames slower than we make them
         self._queue.put_nowait(chunk)
 
     async def clear(self, after_chunk: int) -> int:

@@ -27,11 +27,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from livestage.config import Settings
 from livestage.observability import (METRICS, configure_logging, configure_tracing, get_logger,
                                      start_metrics_server)
-from livestage.state import WorkerInfo, WorkerRegistry, connect_redis
+from livestage.state import WorkerInfo, WorkerRegistry, redis_from_settings
 from livestage.transport import NatsBus, Subjects
 
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024)]
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Server (and client) channel options: the message size limit from settings."""
+    size = settings.grpc_max_message_bytes
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (mutual with a client CA) from `LIVESTAGE_GRPC_TLS_*`; None: plaintext (loopback/dev)."""
+    if not settings.grpc_tls_cert:
+        return None
+    from pathlib import Path
+
+    chain = Path(settings.grpc_tls_cert).read_bytes()
+    key = Path(settings.grpc_tls_key).read_bytes()
+    client_ca = Path(settings.grpc_tls_client_ca).read_bytes() if settings.grpc_tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 _instrumented = False
 
@@ -77,7 +94,7 @@ class ServiceProcess:
             torch.set_num_threads(settings.torch_threads)
         self.stopping = asyncio.Event()
         instrument_grpc()
-        self.grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.grpc_server = grpc.aio.server(options=grpc_options(settings))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self.bus: NatsBus = None  # type: ignore[assignment]  # set by run() before start()
@@ -131,12 +148,14 @@ class ServiceProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        self.bus = await NatsBus.connect(self.settings.nats_url, name=self.worker_id)
-        self.redis = connect_redis(self.settings.redis_url)
+        self.bus = await NatsBus.from_settings(self.settings, name=self.worker_id)
+        self.redis = redis_from_settings(self.settings)
         self.registry = WorkerRegistry(self.redis, self.settings.heartbeat_ttl_s)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_port = self.grpc_server.add_insecure_port(
-            f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        credentials = grpc_server_credentials(self.settings)
+        self.grpc_port = (self.grpc_server.add_secure_port(address, credentials) if credentials is not None
+                          else self.grpc_server.add_insecure_port(address))
         worker = make_worker(self)
         self._worker = worker
         await worker.start()

@@ -10,7 +10,9 @@ from livestage.state.store import (
     WorkerInfo,
     WorkerRegistry,
     connect_redis,
+    redis_from_settings,
 )
 
 __all__ = ["COUNTERS", "CheckpointStore", "NoWorkerAvailable", "SessionNotFound", "SessionRecord",
-           "SessionStore", "WorkerInfo", "WorkerRegistry", "connect_redis"]
+           "SessionStore", "WorkerInfo", "WorkerRegistry", "connect_redis",
+           "redis_from_settings"]

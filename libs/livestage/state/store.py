@@ -26,7 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 __all__ = ["COUNTERS", "CheckpointStore", "NoWorkerAvailable", "SessionNotFound", "SessionRecord",
-           "SessionStore", "WorkerInfo", "WorkerRegistry", "connect_redis"]
+           "SessionStore", "WorkerInfo", "WorkerRegistry", "connect_redis", "redis_from_settings"]
 
 
 class SessionNotFound(KeyError):
@@ -51,10 +51,25 @@ class NoWorkerAvailable(LookupError):
         return f"no live {self.stage} worker with a free slot"
 
 
-def connect_redis(url: str) -> aioredis.Redis:
+def connect_redis(url: str, *, username: str = "", password: str = "", tls_ca: str = "") -> aioredis.Redis:
     """A client returning bytes (checkpoints are binary), with a periodic connection check so a
-    Redis restart costs one failed command rather than a hung one."""
-    return aioredis.from_url(url, decode_responses=False, health_check_interval=30)
+    Redis restart costs one failed command rather than a hung one. `username`/`password` log in
+    as an ACL user; `tls_ca` requires TLS verified against that CA."""
+    kwargs: dict[str, Any] = {}
+    if username:
+        kwargs["username"] = username
+    if password:
+        kwargs["password"] = password
+    if tls_ca:
+        url = "rediss://" + url.split("://", 1)[1] if url.startswith("redis://") else url
+        kwargs["ssl_ca_certs"] = tls_ca
+    return aioredis.from_url(url, decode_responses=False, health_check_interval=30, **kwargs)
+
+
+def redis_from_settings(settings: Any) -> aioredis.Redis:
+    """`connect_redis` with a service's `LIVESTAGE_REDIS_*` settings."""
+    return connect_redis(settings.redis_url, username=settings.redis_username,
+                         password=settings.redis_password, tls_ca=settings.redis_tls_ca)
 
 
 def _s(v: bytes | str | None) -> str:
@@ -230,14 +245,64 @@ return redis.call('HLEN', KEYS[1])
 """
 
 
+# KEYS[1] the tenant's live-session set. ARGV: max sessions, session id, claim ttl ms.
+# Forgets members that ended or expired (a pending claim, `ls:claim:<id>`, counts as live: the
+# record is written only once the references are encoded), then takes a slot if one is free.
+_CLAIM_SESSION = """
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local st = redis.call('HGET', 'ls:session:' .. sid, 'state')
+  if (not st and redis.call('EXISTS', 'ls:claim:' .. sid) == 0) or st == 'ended' then
+    redis.call('SREM', KEYS[1], sid)
+  end
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('SET', 'ls:claim:' .. ARGV[2], '1', 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS[1] ls:room:<room>. ARGV: session id, ttl ms. A room is free when nobody holds it, or its
+# holder ended, expired and has no pending claim. Returns 1 when the room is now this session's.
+_CLAIM_ROOM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  local st = redis.call('HGET', 'ls:session:' .. holder, 'state')
+  if (st and st ~= 'ended') or (not st and redis.call('EXISTS', 'ls:claim:' .. holder) == 1) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] tenant live set, KEYS[2] ls:room:<room> (or ''). ARGV: session id.
+_RELEASE = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', 'ls:claim:' .. ARGV[1])
+if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+ROOM_TTL_MS = 8 * 86400 * 1000
+"""Longer than any session may last (`max_session_seconds` is at most 7 days)."""
+
+
 class SessionStore:
     """Session records with a TTL refreshed on every write (a live session never expires; an
-    abandoned one disappears by itself)."""
+    abandoned one disappears by itself).
+
+    Tenants: a record's `tenant` field says who owns it; `ls:tenant:<t>:sessions` indexes a
+    tenant's records for listing, `ls:tenant:<t>:live` holds its live sessions (the
+    `max_sessions` quota, counted here so that every session-API replica sees the same count), and
+    `ls:room:<room>` which live session holds a LiveKit room.
+    """
 
     def __init__(self, r: aioredis.Redis, ttl_s: int = 3600):
         self.r = r
         self.ttl_s = ttl_s
         self._update = r.register_script(_UPDATE)
+        self._claim_session = r.register_script(_CLAIM_SESSION)
+        self._claim_room = r.register_script(_CLAIM_ROOM)
+        self._release = r.register_script(_RELEASE)
 
     @property
     def _ttl_ms(self) -> int:
@@ -269,8 +334,29 @@ class SessionStore:
             p.hset(self.key(rec.id), mapping=rec.to_hash())
             p.pexpire(self.key(rec.id), self._ttl_ms)
             p.sadd("ls:sessions", rec.id)
+            if rec.extra.get("tenant"):
+                p.sadd(self.tenant_key(rec.extra["tenant"], "sessions"), rec.id)
             await p.execute()
         return rec
+
+    @staticmethod
+    def tenant_key(tenant: str, what: str) -> str:
+        return f"ls:tenant:{tenant}:{what}"
+
+    async def claim_session_slot(self, tenant: str, session_id: str, max_sessions: int,
+                                 claim_ttl_s: float = 300.0) -> bool:
+        """Takes one of the tenant's `max_sessions` live slots for a session about to be created."""
+        return bool(await self._claim_session(keys=[self.tenant_key(tenant, "live")],
+                                              args=[max_sessions, session_id, int(claim_ttl_s * 1000)]))
+
+    async def claim_room(self, room: str, session_id: str) -> bool:
+        """Makes `room` this session's; False while another live session holds it."""
+        return bool(await self._claim_room(keys=[f"ls:room:{room}"], args=[session_id, ROOM_TTL_MS]))
+
+    async def release(self, tenant: str, session_id: str, room: str = "") -> None:
+        """Gives back the session's quota slot and its room (the session ended or never started)."""
+        await self._release(keys=[self.tenant_key(tenant, "live"), f"ls:room:{room}" if room else ""],
+                            args=[session_id])
 
     async def exists(self, session_id: str) -> bool:
         return bool(await self.r.exists(self.key(session_id)))
@@ -302,9 +388,11 @@ class SessionStore:
     async def placement(self, session_id: str) -> dict[str, str]:
         return dict((await self.get(session_id)).placement)
 
-    async def list(self, limit: int = 100) -> list[SessionRecord]:
-        """Live sessions, oldest first (expired ids are pruned from the index on the way)."""
-        ids = sorted(_s(i) for i in await self.r.smembers("ls:sessions"))
+    async def list(self, limit: int = 100, tenant: str | None = None) -> list[SessionRecord]:
+        """Sessions with a record (live or recently ended), oldest first, all or one tenant's
+        (expired ids are pruned from the index on the way)."""
+        index = "ls:sessions" if tenant is None else self.tenant_key(tenant, "sessions")
+        ids = sorted(_s(i) for i in await self.r.smembers(index))
         if not ids:
             return []
         async with self.r.pipeline(transaction=False) as p:
@@ -318,7 +406,7 @@ class SessionStore:
             else:
                 gone.append(sid)
         if gone:
-            await self.r.srem("ls:sessions", *gone)
+            await self.r.srem(index, *gone)
         out.sort(key=lambda rec: (rec.created_ms, rec.id))
         return out[:limit]
 
@@ -328,6 +416,9 @@ class SessionStore:
         async with self.r.pipeline(transaction=True) as p:
             p.delete(self.key(session_id), self.refs_key(session_id))
             p.srem("ls:sessions", session_id)
+            tenant = _s(raw.get(b"tenant") or raw.get("tenant"))  # type: ignore[call-overload]
+            if tenant:
+                p.srem(self.tenant_key(tenant, "sessions"), session_id)
             for k, v in raw.items():
                 if _s(k).startswith(_PLACEMENT) and v:
                     p.srem(f"ls:worker:{_s(v)}:sessions", session_id)

@@ -22,6 +22,7 @@ message, in one of two ways:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from livestage.observability.logging import get_logger
 from livestage.observability.metrics import METRICS
 from livestage.observability.tracing import inject_headers
 from livestage.transport.codec import Envelope, check_codec, decode, encode, kind_of, message_headers
-from livestage.transport.subjects import Subjects
+from livestage.transport.subjects import Subjects, inbox_prefix
 
 __all__ = ["Handler", "NatsBus", "NoRespondersError"]
 
@@ -147,6 +148,17 @@ class NatsBus:
         options.update(kwargs)
         nc = await nats.connect(url, **options)
         return cls(nc, max_payload=max_payload)
+
+    @classmethod
+    async def from_settings(cls, settings: Any, name: str) -> "NatsBus":
+        """Connects as a service: its NATS user and inbox prefix, TLS when a CA is configured, and
+        `LIVESTAGE_MAX_PAYLOAD` as the split size."""
+        kwargs: dict[str, Any] = {"inbox_prefix": inbox_prefix(settings.nats_user)}
+        if settings.nats_user:
+            kwargs.update(user=settings.nats_user, password=settings.nats_password)
+        if settings.nats_tls_ca:
+            kwargs["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
+        return await cls.connect(settings.nats_url, name=name, max_payload=settings.max_payload, **kwargs)
 
     @property
     def max_payload(self) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["RESERVED_STAGES", "RESERVED_WORKER_IDS", "Subjects", "safe_token"]
+__all__ = ["RESERVED_STAGES", "RESERVED_WORKER_IDS", "Subjects", "inbox_prefix", "safe_token"]
 
 _SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -48,6 +48,12 @@ def safe_token(value: str) -> str:
         return value
     digest = hashlib.blake2s(value.encode(), digest_size=4).hexdigest()
     return f"{_UNSAFE.sub('_', value)[:_MAX_TOKEN - 9]}-{digest}"
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply-inbox prefix of a NATS user, `_I.<user>` (`_INBOX` without one): each service
+    may subscribe only below its own prefix, so nobody reads another service's replies."""
+    return f"_I.{safe_token(user)}" if user else "_INBOX"
 
 
 def _stage(stage: str) -> str:

@@ -256,7 +256,8 @@ class PublisherWorker(SessionAttachedWorker[PublishedSession]):
                 raise AttachError("livekit_room", "required when LiveKit is configured")
             session.room = LiveKitRoomLink()
             await session.room.connect(s.livekit_url, avatar_token(
-                s.livekit_api_key, s.livekit_api_secret, body.livekit_room, identity=s.avatar_identity))
+                s.livekit_api_key, s.livekit_api_secret, body.livekit_room,
+                identity=f"{s.avatar_identity}-{session.session_id}"))  # unique per session
             session.sink = LiveKitSink(session.room)
             session.bridge = AvatarDataStreamBridge(session.room, on_audio=session.agent_audio,
                                                     on_segment_end=session.agent_segment_end,

@@ -31,6 +31,8 @@ from livestage.transport import NatsBus, Subjects
 
 _log = get_logger("session")
 END_TIMEOUT_S = 30.0
+EVENT_QUEUE_SIZE = 1024
+"""Events held for one `StreamEvents` reader that is slower than the session."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class SessionPlan:
     persona: str
     voice: str
     livekit_room: str
+    """The LiveKit room, already namespaced by tenant and claimed for this session."""
+    tenant: str = ""
+    max_seconds: float = 0.0
+    """The tenant's `max_session_seconds`: the session ends by itself after this long (0: never)."""
 
 
 class LiveSession:
@@ -85,16 +91,25 @@ class LiveSession:
         except BaseException:
             await self.pipeline.close()
             raise
-        self._expiry = asyncio.create_task(self._expire_unstarted(), name=f"{self.session_id}:start-timeout")
+        self._expiry = asyncio.create_task(self._expire(), name=f"{self.session_id}:expiry")
 
-    async def _expire_unstarted(self) -> None:
-        """A session nobody starts must not hold its workers' slots for ever."""
-        await asyncio.sleep(self._start_timeout_s)
-        if self.started or self.ended:
+    async def _expire(self) -> None:
+        """A session nobody starts must not hold its workers' slots for ever, and none outlives
+        its tenant's `max_session_seconds` (counted from creation)."""
+        opened = time.monotonic()
+        limit = self.plan.max_seconds or float("inf")
+        await asyncio.sleep(min(self._start_timeout_s, limit))
+        if self.ended:
             return
-        _log.info("session_not_started", session_id=self.session_id, after_s=self._start_timeout_s)
-        await self.emit(pb.SessionEvent(error=pb.ErrorEvent(
-            code="start_timeout", message=f"not started within {self._start_timeout_s:g} s: ended")))
+        if not self.started:
+            code, message = "start_timeout", f"not started within {self._start_timeout_s:g} s: ended"
+        else:
+            await asyncio.sleep(max(limit - (time.monotonic() - opened), 0.0))
+            if self.ended:
+                return
+            code, message = "max_duration", f"the tenant's sessions last at most {limit:g} s: ended"
+        _log.info("session_expired", session_id=self.session_id, code=code)
+        await self.emit(pb.SessionEvent(error=pb.ErrorEvent(code=code, message=message)))
         self._expiry = None  # end() must not cancel the task it runs in
         await self.end()
 
@@ -111,9 +126,6 @@ class LiveSession:
         if self.started:
             return
         self.started = True
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         self._started_at = time.perf_counter()
         self._tasks = await SessionTasks.start(self.session_id, self._failed)
         self._run = self._tasks.spawn(self._run_runtime(), "runtime")
@@ -154,6 +166,11 @@ class LiveSession:
             await self.store.update(self.session_id, state=SessionState.ENDED.value)
         except SessionNotFound:
             pass
+        if self.plan.tenant:
+            try:
+                await self.store.release(self.plan.tenant, self.session_id, self.plan.livekit_room)
+            except Exception as exc:  # Redis away: the claims lapse with the record
+                _log.warning("release_failed", session_id=self.session_id, error=repr(exc))
         METRICS.forget_session(self.session_id)
         self._close_streams()
 
@@ -183,17 +200,22 @@ class LiveSession:
         event.session_id = self.session_id
         event.unix_ms = int(time.time() * 1000)
         for q in list(self._subscribers):
+            if q.full():  # a reader that stopped reading: drop its oldest event, never block the session
+                q.get_nowait()
+                METRICS.errors.labels(kind="event_dropped").inc()
             q.put_nowait(event)
 
     def _close_streams(self) -> None:
         for q in self._subscribers:
+            if q.full():
+                q.get_nowait()
             q.put_nowait(None)
 
     async def events(self) -> AsyncIterator[pb.SessionEvent]:
         """The session's events from now on, until it ends (at once for an ended session)."""
         if self.ended:
             return
-        q: asyncio.Queue = asyncio.Queue()
+        q: asyncio.Queue = asyncio.Queue(maxsize=EVENT_QUEUE_SIZE)
         self._subscribers.append(q)
         try:
             while True:
