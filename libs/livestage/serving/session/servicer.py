@@ -158,6 +158,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         live = self.live.get(session_id)
         if live is not None and live.ended:
             del self.live[session_id]
+            if live.plan.tenant == caller.tenant_id:  # its record may not say so yet
+                raise precondition("session has ended")
             live = None
         if live is None or live.plan.tenant != caller.tenant_id:
             rec = await self._record(session_id, caller)
