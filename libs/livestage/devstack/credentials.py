@@ -68,7 +68,4 @@ class StackCredentials:
 
     def nats_authorization(self) -> str:
         services = {u: p for u, p in self.nats_passwords.items() if u != DEVTOOLS_USER}
-        block = nats_authorization(services)
-        admin = (f'    {{user: "{DEVTOOLS_USER}", password: "{self.nats_passwords[DEVTOOLS_USER]}", '
-                 f'permissions: {{publish: ">", subscribe: ">"}}}}\n')
-        return block.replace("  ]\n}", admin + "  ]\n}")
+        return nats_authorization(services, superusers={DEVTOOLS_USER: self.nats_passwords[DEVTOOLS_USER]})

@@ -57,10 +57,11 @@ class Authenticator:
         key = key.strip()
         if not is_well_formed_key(key):
             raise AccessRefused("unauthenticated", f"{AUTH_HEADER}: malformed API key (expected lsk_...)")
-        tenant = self.directory.lookup(key)
+        digest = hash_key(key)  # once per call: the lookup and the key id share it
+        tenant = self.directory.lookup_digest(digest)
         if tenant is None:
             raise AccessRefused("unauthenticated", f"{AUTH_HEADER}: unknown API key")
-        caller = Caller(tenant, key_id(hash_key(key)))
+        caller = Caller(tenant, key_id(digest))
         if not self.limiter.take_call(tenant):
             raise AccessRefused("resource_exhausted",
                                 f"{AUTH_HEADER}: tenant {tenant.id!r} is over its rate limit of "

@@ -52,11 +52,12 @@ MAX_RESPONSES = 1_000_000
 """Messages a user may send to one request's reply subject (a split reply is several)."""
 
 
-def nats_authorization(passwords: dict[str, str]) -> str:
+def nats_authorization(passwords: dict[str, str], superusers: dict[str, str] | None = None) -> str:
     """The `authorization { users = [...] }` block of nats.conf for these users' passwords.
 
     A password may be a `$VARIABLE` reference (the chart's nats.conf reads them from the
     environment, which comes from a Secret); anything else is written as a quoted string.
+    `superusers` may publish and subscribe to everything (the dev stack's test observer only).
     """
     unknown = set(passwords) - set(NATS_USERS)
     if unknown:
@@ -70,5 +71,8 @@ def nats_authorization(passwords: dict[str, str]) -> str:
         lines.append(f"    {{user: {json.dumps(user)}, password: {pw}, permissions: {{"
                      f"publish: {{allow: {json.dumps(publish)}}}, subscribe: {{allow: {json.dumps(subscribe)}}}, "
                      f"allow_responses: {{max: {MAX_RESPONSES}}}}}}}")
+    for user, password in (superusers or {}).items():
+        lines.append(f'    {{user: {json.dumps(user)}, password: {json.dumps(password)}, '
+                     f'permissions: {{publish: ">", subscribe: ">"}}}}')
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"

@@ -200,8 +200,12 @@ class TenantDirectory:
 
     def lookup(self, key: str) -> Tenant | None:
         """The tenant whose key this is, or None."""
+        return self.lookup_digest(hash_key(key))
+
+    def lookup_digest(self, digest: str) -> Tenant | None:
+        """The tenant holding the key with this SHA-256 digest, or None."""
         self._maybe_reload()
-        return self._by_digest.get(hash_key(key))
+        return self._by_digest.get(digest)
 
     def get(self, tenant_id: str) -> Tenant | None:
         self._maybe_reload()

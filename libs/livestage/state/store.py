@@ -416,7 +416,7 @@ class SessionStore:
         async with self.r.pipeline(transaction=True) as p:
             p.delete(self.key(session_id), self.refs_key(session_id))
             p.srem("ls:sessions", session_id)
-            tenant = _s(raw.get(b"tenant") or raw.get("tenant"))  # type: ignore[call-overload]
+            tenant = _s(raw.get(b"tenant"))  # the client returns bytes
             if tenant:
                 p.srem(self.tenant_key(tenant, "sessions"), session_id)
             for k, v in raw.items():
